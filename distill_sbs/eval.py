@@ -37,7 +37,7 @@ def evaluate(
     output_dir: str | None = None,
 ) -> dict[str, float]:
     import distill_sbs
-    from distill_sbs.trainer import evaluate_tasks
+    from distill_sbs.evaluation import evaluate_tasks
 
     model, params = distill_sbs.load(checkpoint_path)
     metrics, outputs = evaluate_tasks(

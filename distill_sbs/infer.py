@@ -81,7 +81,7 @@ def infer(
 ) -> list[dict[str, Any]]:
     """Predicts a label (and a rationale when asked) for each input; writes JSONL rows."""
     import distill_sbs
-    from distill_sbs.trainer import generate_texts
+    from distill_sbs.generation import generate_texts
 
     if (input_file is None) == (mixture_or_task_name is None):
         raise SystemExit("infer: give exactly one of INPUT_FILE or MIXTURE_OR_TASK_NAME")

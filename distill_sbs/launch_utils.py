@@ -18,7 +18,7 @@ from pathlib import Path
 import distill_sbs
 import gin
 
-GIN_DIR = Path(distill_sbs.__file__).resolve().parent.parent / "gin"
+GIN_DIR = Path(distill_sbs.__file__).resolve().parent / "gin"
 
 
 def resolve_gin_file(name: str) -> str:

@@ -34,8 +34,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from distill_sbs.teachers.backends import GenerationParams
-from distill_sbs.teachers.local import GeneratedText, Generator
+from distill_sbs.generation import GeneratedText, GenerationParams, Generator
 from distill_sbs.teachers.testing import FaultPlan
 
 logger = logging.getLogger("distill_sbs.serve")
@@ -448,7 +447,7 @@ class Server:
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    from distill_sbs.teachers.local import ModelGenerator
+    from distill_sbs.generation import ModelGenerator
 
     FLAGS = flags.FLAGS
     del argv

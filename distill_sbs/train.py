@@ -15,9 +15,9 @@ from distill_sbs import launch_utils
 
 
 def main() -> None:
-    from distill_sbs import trainer
+    from distill_sbs import compare, training
 
-    launch_utils.run(lambda: trainer.compare() if trainer.compare_bound() else trainer.train())
+    launch_utils.run(lambda: compare.compare() if compare.compare_bound() else training.train())
 
 
 if __name__ == "__main__":

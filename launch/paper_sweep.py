@@ -13,7 +13,7 @@ import shlex
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "gin", "paper"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "distill_sbs", "gin", "paper"))
 from make_configs import DATASETS, METHODS, MODELS  # noqa: E402
 
 FRACTIONS = (0.125, 0.25, 0.5, 1.0)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
+import gin
 import pytest
 
-import gin
+import distill_sbs
 from distill_sbs.network import T5Config
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin", "models")
+GIN_DIR = os.path.join(os.path.dirname(distill_sbs.__file__), "gin", "models")
 
 # (d_model, d_ff, d_kv, num_heads, num_layers) from t5-{small,base,large,3b,11b} and
 # google/t5-v1_1-* / google/flan-t5-* config.json (vocab_size 32128 in all of them).

@@ -3,11 +3,10 @@
 import os
 import pathlib
 
+import gin
 import numpy as np
 import pytest
 import seqio
-
-import gin
 
 DSS_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dss"
 VOCAB = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "vocab" / "t5_spiece.model"

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from distill_sbs.generation import GenerationParams
 from distill_sbs.serve import Server
 from distill_sbs.teachers.backends import (
-    GenerationParams,
     HTTPConfig,
     OpenAIBackend,
     RateLimiter,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill_sbs.teachers.backends import GenerationParams
-from distill_sbs.teachers.local import LocalBackend, ModelGenerator, bucket
+from distill_sbs.generation import GenerationParams, ModelGenerator, bucket
+from distill_sbs.teachers.local import LocalBackend
 
 
 class StandInModel:

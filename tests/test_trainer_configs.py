@@ -6,9 +6,9 @@ from __future__ import annotations
 import glob
 import os
 
+import gin
 import pytest
 
-import gin
 from distill_sbs import launch_utils
 
 GIN = str(launch_utils.GIN_DIR)

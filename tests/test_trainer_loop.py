@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 
+import gin
 import pytest
 
 import distill_sbs.optimizers  # noqa: F401  (registers create_optimizer)
-import gin
 from distill_sbs.network import T5Config
 
 TINY = T5Config(
@@ -36,7 +36,7 @@ def _adamw():
 def _train(model_dir, **kw):
     import distill_sbs.tasks  # noqa: F401
 
-    from distill_sbs.trainer import train
+    from distill_sbs.training import train
 
     args = dict(
         model_dir=model_dir,

@@ -8,9 +8,9 @@
 The command line is `python -m distill_sbs.annotate`; see docs/annotate.md.
 """
 
+from distill_sbs.generation import GenerationParams
 from distill_sbs.teachers.backends import (
     Completion,
-    GenerationParams,
     HTTPConfig,
     OpenAIBackend,
     RequestFailed,

@@ -28,25 +28,9 @@ from typing import Any, Protocol
 
 import requests
 
+from distill_sbs.generation import GenerationParams, apply_stop
+
 logger = logging.getLogger("distill_sbs.teachers")
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationParams:
-    """Decoding parameters of one request; part of the cache key."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "stop": list(self.stop),
-        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,17 +82,6 @@ class Backend(Protocol):
     def run(self, reqs: Sequence[TeacherRequest], on_result: OnResult) -> None: ...
 
     def close(self) -> None: ...
-
-
-def apply_stop(text: str, stop: Sequence[str]) -> str:
-    """Cuts `text` at the first occurrence of any stop string (as OpenAI servers do)."""
-    cut = len(text)
-    for s in stop:
-        if s:
-            i = text.find(s)
-            if i != -1:
-                cut = min(cut, i)
-    return text[:cut]
 
 
 class RateLimiter:

@@ -21,11 +21,11 @@ from typing import Any, TextIO
 from distill_sbs import metrics
 from distill_sbs.data.parsing import normalize_choice_answer, parse_chain_of_thought
 from distill_sbs.data.records import Record, TeacherSample
+from distill_sbs.generation import GenerationParams
 from distill_sbs.teachers import prompts
 from distill_sbs.teachers.backends import (
     Backend,
     Completion,
-    GenerationParams,
     HTTPConfig,
     OpenAIBackend,
     RequestFailed,
@@ -112,7 +112,8 @@ class TeacherConfig:
 
 def make_backend(cfg: TeacherConfig) -> Backend:
     if cfg.backend == "local":
-        from distill_sbs.teachers.local import LocalBackend, ModelGenerator
+        from distill_sbs.generation import ModelGenerator
+        from distill_sbs.teachers.local import LocalBackend
 
         gen = ModelGenerator.from_checkpoint(
             cfg.checkpoint, max_batch_size=cfg.batch_size, max_decode_length=cfg.max_tokens

@@ -101,8 +101,7 @@ class FakeGenerator:
     def generate(self, prompts, params, seed: int = 0):
         import time
 
-        from distill_sbs.teachers.backends import apply_stop
-        from distill_sbs.teachers.local import GeneratedText
+        from distill_sbs.generation import GeneratedText, apply_stop
 
         self.calls.append(len(prompts))
         if self.delay:

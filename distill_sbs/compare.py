@@ -1,0 +1,72 @@
+"""Train several students with the same settings and print their accuracies side by side (the
+quickstart)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+
+import gin
+
+from distill_sbs.training import train
+
+
+@gin.configurable
+def compare(
+    runs: Mapping[str, str] = gin.REQUIRED,
+    model_dir: str = gin.REQUIRED,
+    baseline_dataset: str | None = None,
+    baseline_split: str = "test",
+) -> dict:
+    """Trains one student per {name: mixture} in MODEL_DIR/<name> with the same settings and
+    prints a table of their label accuracy (the quickstart).
+
+    baseline_dataset: a registered dataset whose majority baseline (always answering the most
+    frequent train label, scored by exact match on `baseline_split`) is printed as a last row.
+    """
+    results = {}
+    for name, mixture in runs.items():
+        print(f"=== {name}: {mixture} ===", flush=True)
+        t0 = time.time()
+        final = train(model_dir=os.path.join(model_dir, name), mixture_or_task_name=mixture)
+        results[name] = (mixture, final, time.time() - t0)
+    print()
+    print(f"{'student':<12} {'task':<20} {'metric':<36} {'value':>8} {'time':>8}")
+    for name, (mixture, final, secs) in results.items():
+        evals = {k: v for k, v in final.items() if not k.startswith("train/")}
+        for k, v in sorted(evals.items()) or [("(no eval)", float("nan"))]:
+            print(f"{name:<12} {mixture:<20} {k:<36} {v:>8.4f} {secs:>7.0f}s")
+    out = {name: r[1] for name, r in results.items()}
+    if baseline_dataset:
+        label, acc = majority_baseline(baseline_dataset, baseline_split)
+        metric = f"always {label!r} (train majority)"
+        print(f"{'majority':<12} {baseline_dataset:<20} {metric:<36} {acc:>8.4f} {'-':>8}")
+        out["majority"] = {"label": label, "accuracy": acc}
+    return out
+
+
+def majority_baseline(dataset: str, split: str = "test") -> tuple[str, float]:
+    """(most frequent gold label of the train split, % of `split` records with that label)."""
+    import collections
+
+    from distill_sbs import data
+
+    def gold(split_name: str, subsample: bool = False) -> list[str]:
+        records = data.load_records(dataset, split_name, subsample=subsample)
+        return [r.label for r in records if r.label is not None]
+
+    train_labels, labels = gold("train", subsample=True), gold(split)
+    if not train_labels or not labels:
+        raise ValueError(f"majority baseline: {dataset!r} has no gold labels on train or {split}")
+    # most_common breaks ties by first occurrence, which is deterministic for a fixed dataset.
+    label = collections.Counter(train_labels).most_common(1)[0][0]
+    return label, 100.0 * sum(lb == label for lb in labels) / len(labels)
+
+
+def compare_bound() -> bool:
+    try:
+        gin.query_parameter("compare.runs")
+        return True
+    except ValueError:
+        return False

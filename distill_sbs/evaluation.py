@@ -1,0 +1,115 @@
+"""Evaluation of a model on a task or mixture through seqio.Evaluator (predictions and metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import seqio
+
+from distill_sbs.generation import generate_ids
+
+
+class TaskEvaluator:
+    """seqio.Evaluator over the eval split of a task or mixture, predicting with model.generate.
+
+    Built once per run (the Evaluator caches the eval examples and targets); every sub-task with
+    metric_fns is scored by its own postprocess_fn and metric_fns, the others are skipped.
+    """
+
+    def __init__(
+        self,
+        mixture_or_task_name: str,
+        *,
+        split: str,
+        task_feature_lengths: Mapping[str, int],
+        num_examples: int | None = None,
+    ) -> None:
+        from distill_sbs.data import ObjectiveEncDecFeatureConverter
+
+        self.split = split
+        self.task_feature_lengths = dict(task_feature_lengths)
+        self.evaluator = seqio.Evaluator(
+            mixture_or_task_name,
+            feature_converter=ObjectiveEncDecFeatureConverter(pack=False),
+            eval_split=split,
+            sequence_length=self.task_feature_lengths,
+            num_examples=num_examples,
+            use_memory_cache=True,
+            async_compute_metrics=False,
+        )
+
+    def evaluate(
+        self,
+        model: Any,
+        params: Any,
+        *,
+        batch_size: int = 32,
+        max_decode_length: int | None = None,
+        step: int | None = None,
+    ) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+        """({"<task>/<metric>": value}, {task: [{"input", "target", "prediction"}, ...]})."""
+        decode_length = max_decode_length or self.task_feature_lengths["targets"]
+
+        def predict_fn(ds: Any) -> list[tuple[int, list[int]]]:  # ds: tf.data.Dataset
+            # The Evaluator's datasets are enumerated: (index, model features) per example.
+            indices, rows = [], []
+            for index, features in ds.as_numpy_iterator():
+                indices.append(int(index))
+                rows.append(features["encoder_input_tokens"])
+            ids = generate_ids(
+                model,
+                params,
+                np.stack(rows),
+                batch_size=batch_size,
+                max_decode_length=decode_length,
+            )
+            return [(i, row.tolist()) for i, row in zip(indices, ids, strict=True)]
+
+        metrics_future, all_output = self.evaluator.evaluate(
+            compute_metrics=True, step=step, predict_fn=predict_fn
+        )
+        metrics: dict[str, float] = {}
+        for task, task_metrics in metrics_future.result().items():
+            for name, value in task_metrics.items():
+                metrics[f"{task}/{name}"] = float(getattr(value, "value", value))
+        outputs: dict[str, list[dict[str, Any]]] = {}
+        for task in self.evaluator.eval_tasks:
+            tokens = all_output[task.name].get(seqio.metrics.ModelOutputType.PREDICTION)
+            if tokens is None:
+                continue
+            vocab = task.output_features["targets"].vocabulary
+            examples = self.evaluator.cached_task_datasets[task.name].as_numpy_iterator()
+            outputs[task.name] = [
+                {
+                    "input": ex["inputs_pretokenized"].decode("utf-8"),
+                    "target": ex["targets_pretokenized"].decode("utf-8"),
+                    "prediction": vocab.decode(list(t)),
+                }
+                for ex, t in zip(examples, tokens, strict=True)
+            ]
+        return metrics, outputs
+
+
+def evaluate_tasks(
+    model: Any,
+    params: Any,
+    mixture_or_task_name: str,
+    *,
+    split: str,
+    task_feature_lengths: Mapping[str, int],
+    batch_size: int = 32,
+    max_decode_length: int | None = None,
+    num_examples: int | None = None,
+) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+    """One-off evaluation with a new TaskEvaluator (see there)."""
+    evaluator = TaskEvaluator(
+        mixture_or_task_name,
+        split=split,
+        task_feature_lengths=task_feature_lengths,
+        num_examples=num_examples,
+    )
+    return evaluator.evaluate(
+        model, params, batch_size=batch_size, max_decode_length=max_decode_length
+    )
