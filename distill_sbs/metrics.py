@@ -8,13 +8,14 @@ Values are percentages (0-100) as in T5 / SeqIO. Predictions are already postpro
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 import operator
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from distill_sbs.data.parsing import normalize_choice_answer
+from distill_sbs.parsing import normalize_choice_answer
 
 _BIN_OPS: dict[type, Callable[[float, float], float]] = {
     ast.Add: operator.add,
@@ -154,10 +155,18 @@ def multiple_choice_accuracy(
     return {"accuracy": _percent(hits)}
 
 
-# name -> (SeqIO metric_fn, per-example match(prediction, target, choices)) used by the datasets.
-METRICS: dict[str, tuple[Callable[..., dict[str, float]], Callable[..., bool]]] = {
-    "accuracy": (accuracy, lambda p, t, c=None: exact_match(p, t)),
-    "equation": (equation_accuracy, lambda p, t, c=None: equation_match(p, t)),
-    "numeric": (numeric_accuracy, lambda p, t, c=None: numeric_match(p, t)),
-    "multiple_choice": (multiple_choice_accuracy, choice_match),
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A dataset's metric: the SeqIO form for whole splits and the per-example form."""
+
+    metric_fn: Callable[[Sequence[Any], Sequence[str]], dict[str, float]]
+    # match(prediction, target, choices=None): does one answer count as correct?
+    match: Callable[..., bool]
+
+
+METRICS: dict[str, Metric] = {
+    "accuracy": Metric(accuracy, lambda p, t, c=None: exact_match(p, t)),
+    "equation": Metric(equation_accuracy, lambda p, t, c=None: equation_match(p, t)),
+    "numeric": Metric(numeric_accuracy, lambda p, t, c=None: numeric_match(p, t)),
+    "multiple_choice": Metric(multiple_choice_accuracy, choice_match),
 }

@@ -31,7 +31,7 @@ def test_real_release_counts_parse_rates_and_teacher_accuracy(name, split):
     records, stats = dss.read_dss_split(str(DSS_DIR / name), name, split)
     assert len(records) == count
     assert stats.outputs == count and stats.rate >= min_rate
-    match = metrics.METRICS[metric][1]
+    match = metrics.METRICS[metric].match
     hits = [match(r.teachers["palm"][0].label, r.label, r.choices) for r in records]
     assert sum(hits) / len(hits) == pytest.approx(accuracy, abs=5e-4)
     failures = [s for r in records for s in r.teachers["palm"] if not s.parsed]

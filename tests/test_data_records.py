@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from distill_sbs.data import parsing
+from distill_sbs import parsing
 from distill_sbs.data.records import (
     Record,
     RecordError,

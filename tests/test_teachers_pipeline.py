@@ -265,7 +265,7 @@ def test_teacher_config_errors():
 
 
 def test_builtin_exemplars_parse_with_the_data_layer_parser():
-    from distill_sbs.data.parsing import parse_chain_of_thought
+    from distill_sbs.parsing import parse_chain_of_thought
 
     for name, exemplars in BUILTIN.items():
         for e in exemplars:

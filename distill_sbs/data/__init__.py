@@ -8,7 +8,6 @@ distill_sbs.data.get_objectives("cqa_dss")     # [Objective("label", 0.5), ...]
 
 from distill_sbs.data.feature_converter import OBJECTIVE_FEATURE, ObjectiveEncDecFeatureConverter
 from distill_sbs.data.options import DatasetOptions, data_dir, get_options
-from distill_sbs.data.parsing import ParsedOutput, normalize_choice_answer, parse_chain_of_thought
 from distill_sbs.data.records import (
     Record,
     RecordError,
@@ -31,6 +30,7 @@ from distill_sbs.data.registry import (
     registered_datasets,
 )
 from distill_sbs.data.vocab import arith_vocabulary, t5_vocabulary
+from distill_sbs.parsing import ParsedOutput, normalize_choice_answer, parse_chain_of_thought
 
 __all__ = [
     "METHODS",

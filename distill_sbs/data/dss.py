@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 from absl import logging
 
-from distill_sbs.data.parsing import normalize_choice_answer, parse_chain_of_thought
 from distill_sbs.data.records import Record, RecordError, TeacherSample, iter_json_lines
+from distill_sbs.parsing import normalize_choice_answer, parse_chain_of_thought
 
 # (row, where) -> (input text, gold label or None, choices or None)
 RowFormatter = Callable[[dict, str], tuple[str, str | None, list[str] | None]]

@@ -31,8 +31,8 @@ import tensorflow as tf
 from distill_sbs import metrics
 from distill_sbs.data import dss, options, preprocessors
 from distill_sbs.data.feature_converter import OBJECTIVE_FEATURE, ObjectiveEncDecFeatureConverter
-from distill_sbs.data.parsing import parse_chain_of_thought
 from distill_sbs.data.records import Record, RecordError, read_jsonl
+from distill_sbs.parsing import parse_chain_of_thought
 
 METHODS = ("finetune", "distill", "dss", "dss_llm", "cot", "multiteacher")
 _MIXTURE_METHODS = ("dss", "dss_llm", "multiteacher")
@@ -188,7 +188,7 @@ def build_examples(dataset: str, method: str, objective_id: int, split: str) -> 
             teachers=spec.teachers[:1],
             objective_id=objective_id,
             filter_correct=options.get_options().cot_filter_correct,
-            match=metrics.METRICS[spec.metric][1],
+            match=metrics.METRICS[spec.metric].match,
             where=where,
         )
         return examples
@@ -279,7 +279,7 @@ def _register_task(spec: DatasetSpec, task_name: str, method: str, objective_id:
         preprocessors=[tokenize_text, seqio.preprocessors.append_eos_after_trim],
         output_features=_output_features(spec.vocabulary),
         postprocess_fn=postprocess_cot if objective == "cot" else postprocess_label,
-        metric_fns=[metrics.METRICS[spec.metric][0]] if scored else [],
+        metric_fns=[metrics.METRICS[spec.metric].metric_fn] if scored else [],
         shuffle_buffer_size=10_000,
     )
     _NAMES[task_name] = (spec.name, method)

@@ -39,7 +39,7 @@ class TeacherReport:
 def teacher_reports(dataset: str, split: str) -> list[TeacherReport]:
     """One report per teacher of a dataset split (the full split, not subsampled)."""
     spec = registry.get_dataset_spec(dataset)
-    match = metrics.METRICS[spec.metric][1]
+    match = metrics.METRICS[spec.metric].match
     records = registry.load_records(dataset, split)
     out = []
     for teacher in spec.teachers:

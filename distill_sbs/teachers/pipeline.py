@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from distill_sbs import metrics
-from distill_sbs.data.parsing import normalize_choice_answer, parse_chain_of_thought
 from distill_sbs.data.records import Record, TeacherSample
 from distill_sbs.generation import GenerationParams
+from distill_sbs.parsing import normalize_choice_answer, parse_chain_of_thought
 from distill_sbs.teachers import prompts
 from distill_sbs.teachers.backends import (
     Backend,
@@ -312,7 +312,7 @@ def annotate(
     """
     if metric not in metrics.METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(metrics.METRICS)}")
-    match = metrics.METRICS[metric][1]
+    match = metrics.METRICS[metric].match
     names = [cfg.name for cfg, _ in teachers]
     if len(set(names)) != len(names):
         raise ValueError(f"teacher names must be distinct, got {names}")

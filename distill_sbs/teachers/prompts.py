@@ -1,7 +1,7 @@
 """Prompt strategies for teacher annotation.
 
 - few_shot: chain-of-thought exemplars ("Q: ... A: <rationale> So the answer is <answer>."),
-  then the question; the output is parsed by distill_sbs.data.parsing.
+  then the question; the output is parsed by distill_sbs.parsing.
 - zero_shot: two stages (Kojima et al. 2022): "Q: ... A: Let's think step by step." gives the
   reasoning; the same text plus the reasoning plus "Therefore, the answer is" gives the answer.
 - answer_given: rationalisation (TinyLLM): k in-context examples drawn from the same dataset, each
@@ -18,7 +18,7 @@ import random
 import re
 from collections.abc import Sequence
 
-from distill_sbs.data.parsing import (
+from distill_sbs.parsing import (
     cut_next_exemplar,
     normalize_choice_answer,
     parse_chain_of_thought,

@@ -1,4 +1,5 @@
-"""Parsing teacher (LLM) chain-of-thought outputs into a rationale and an answer.
+"""Text rules shared by data, metrics and teachers: chain-of-thought outputs into a rationale and
+an answer, and answers into choices. It imports nothing from the project, so every layer can use it.
 
 Few-shot prompted models such as PaLM write the rationale, then "So the answer is (c) x." or
 "The answer is (84 / 2).", and then often go on to write the next few-shot exemplar
