@@ -20,6 +20,7 @@ the failed requests).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from absl import app, flags
 from distill_sbs.data.records import Record, RecordError, read_jsonl, write_jsonl
 from distill_sbs.teachers.cache import CacheError, RequestCache
 from distill_sbs.teachers.pipeline import TeacherConfig, annotate, make_backend
+from distill_sbs.teachers.prompts import STRATEGIES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "JSONL file of records to annotate.")
@@ -42,34 +44,54 @@ flags.DEFINE_string("output", None, "Output JSONL of annotated records.")
 flags.DEFINE_string("cache", None, "Request cache (default: OUTPUT.cache.jsonl).")
 flags.DEFINE_string("metric", None, "Answer match for accuracy (default: the dataset's).")
 flags.DEFINE_string("teachers", None, "JSON file: a list of teacher configs (see TeacherConfig).")
-# One teacher from flags (ignored when --teachers is given).
+# One teacher from flags (ignored when --teachers is given): one flag per TeacherConfig field
+# ("name" is --teacher), with the field's default.
+_TEACHER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TeacherConfig)}
 flags.DEFINE_string("teacher", "teacher", "Teacher name (the key in the records' 'teachers').")
-flags.DEFINE_enum("backend", "openai", ["openai", "local"], "Teacher backend.")
+flags.DEFINE_enum("backend", _TEACHER_DEFAULTS["backend"], ["openai", "local"], "Teacher backend.")
 flags.DEFINE_string("base_url", None, "OpenAI-compatible base URL, e.g. http://host:8000/v1.")
 flags.DEFINE_string("model", None, "Model name sent to the endpoint.")
 flags.DEFINE_string("api_key_env", None, "NAME of the environment variable holding the API key.")
-flags.DEFINE_enum("api", "completions", ["completions", "chat"], "Endpoint flavour.")
+flags.DEFINE_enum("api", _TEACHER_DEFAULTS["api"], ["completions", "chat"], "Endpoint flavour.")
 flags.DEFINE_string("checkpoint", None, "backend=local: checkpoint of the teacher model.")
-flags.DEFINE_enum("strategy", "few_shot", ["few_shot", "zero_shot", "answer_given"], "Prompts.")
+flags.DEFINE_integer("batch_size", _TEACHER_DEFAULTS["batch_size"], "backend=local: batch rows.")
+flags.DEFINE_enum("strategy", _TEACHER_DEFAULTS["strategy"], list(STRATEGIES), "Prompts.")
 flags.DEFINE_string("exemplars", None, "Built-in exemplar set or JSONL file (few-shot).")
-flags.DEFINE_integer("k_shot", 4, "answer_given: in-context examples from the dataset.")
-flags.DEFINE_integer("num_samples", 1, "Samples per example (diverse reasoning).")
-flags.DEFINE_float("temperature", 0.0, "Sampling temperature (> 0 for num_samples > 1).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling.")
-flags.DEFINE_integer("max_tokens", 256, "Most generated tokens per request.")
-flags.DEFINE_boolean("filter_correct", False, "Keep only samples whose answer matches gold.")
-flags.DEFINE_integer("max_concurrency", 8, "Most requests in flight.")
+flags.DEFINE_integer(
+    "k_shot", _TEACHER_DEFAULTS["k_shot"], "answer_given: in-context examples from the dataset."
+)
+flags.DEFINE_integer(
+    "num_samples", _TEACHER_DEFAULTS["num_samples"], "Samples per example (diverse reasoning)."
+)
+flags.DEFINE_float(
+    "temperature", _TEACHER_DEFAULTS["temperature"], "Sampling temperature (> 0 for samples > 1)."
+)
+flags.DEFINE_float("top_p", _TEACHER_DEFAULTS["top_p"], "Nucleus sampling.")
+flags.DEFINE_integer("max_tokens", _TEACHER_DEFAULTS["max_tokens"], "Most tokens per request.")
+flags.DEFINE_integer(
+    "answer_max_tokens", _TEACHER_DEFAULTS["answer_max_tokens"], "zero_shot: answer tokens."
+)
+flags.DEFINE_boolean(
+    "filter_correct", _TEACHER_DEFAULTS["filter_correct"], "Keep only samples matching gold."
+)
+flags.DEFINE_integer(
+    "max_concurrency", _TEACHER_DEFAULTS["max_concurrency"], "Most requests in flight."
+)
 flags.DEFINE_float("requests_per_minute", None, "Rate limit.")
-flags.DEFINE_float("timeout", 60.0, "Seconds per request attempt.")
-flags.DEFINE_integer("max_retries", 5, "Retries per request (429, 5xx, timeouts, bad bodies).")
-flags.DEFINE_float("backoff_base", 1.0, "Seconds before the first retry (doubles per retry).")
+flags.DEFINE_float("timeout", _TEACHER_DEFAULTS["timeout"], "Seconds per request attempt.")
+flags.DEFINE_integer(
+    "max_retries", _TEACHER_DEFAULTS["max_retries"], "Retries (429, 5xx, timeouts, bad bodies)."
+)
+flags.DEFINE_float(
+    "backoff_base", _TEACHER_DEFAULTS["backoff_base"], "Seconds before the first retry (doubles)."
+)
 flags.DEFINE_boolean("progress", True, "Show a progress line on stderr.")
 
-_TEACHER_FLAGS = (
-    "backend base_url model api_key_env api checkpoint strategy exemplars k_shot num_samples "
-    "temperature top_p max_tokens filter_correct max_concurrency requests_per_minute timeout "
-    "max_retries backoff_base"
-).split()
+# Every field but the name comes from the flag of the same name (a new field needs a flag).
+_TEACHER_FLAGS = [name for name in _TEACHER_DEFAULTS if name != "name"]
+_missing = [name for name in _TEACHER_FLAGS if name not in FLAGS]
+if _missing:  # a programming error, caught by any test that imports this module
+    raise ImportError(f"TeacherConfig fields without an annotate flag: {_missing}")
 
 
 def teacher_configs() -> list[TeacherConfig]:

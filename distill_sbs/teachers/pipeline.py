@@ -15,13 +15,12 @@ import dataclasses
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from distill_sbs import metrics
 from distill_sbs.data.records import Record, TeacherSample
 from distill_sbs.generation import GenerationParams
-from distill_sbs.parsing import normalize_choice_answer, parse_chain_of_thought
 from distill_sbs.teachers import prompts
 from distill_sbs.teachers.backends import (
     Backend,
@@ -32,7 +31,7 @@ from distill_sbs.teachers.backends import (
     TeacherRequest,
 )
 from distill_sbs.teachers.cache import RequestCache, request_key
-from distill_sbs.teachers.exemplars import Exemplar, get_exemplars
+from distill_sbs.teachers.exemplars import get_exemplars
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,22 +210,6 @@ class AnnotationResult:
         }
 
 
-def _pool_for_answer_given(records: Sequence[Record], exemplars: list[Exemplar]):
-    """In-context examples for rationalisation: dataset records with a gold label and a parsed
-    rationale from any teacher, plus the exemplar set (ids "exemplar-<i>")."""
-    pool: list[tuple[str, Exemplar]] = []
-    for r in records:
-        if r.label is None:
-            continue
-        for samples in r.teachers.values():
-            s = next((s for s in samples if s.parsed), None)
-            if s is not None:
-                pool.append((r.id, Exemplar(r.input, s.rationale, r.label)))
-                break
-    pool += [(f"exemplar-{i}", e) for i, e in enumerate(exemplars)]
-    return pool
-
-
 class _Runner:
     """Runs the requests of one stage for one teacher against the cache."""
 
@@ -312,7 +295,6 @@ def annotate(
     """
     if metric not in metrics.METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(metrics.METRICS)}")
-    match = metrics.METRICS[metric].match
     names = [cfg.name for cfg, _ in teachers]
     if len(set(names)) != len(names):
         raise ValueError(f"teacher names must be distinct, got {names}")
@@ -324,95 +306,26 @@ def annotate(
     samples: dict[str, dict[str, list[TeacherSample]]] = {r.id: {} for r in records}
 
     for cfg, backend in teachers:
+        strategy = _strategy(cfg, records, dataset)
         summary = summaries[cfg.name] = TeacherSummary()
+        targets = []
+        for r in records:
+            reason = strategy.unusable(r)
+            if reason is None:
+                targets.append(r)
+            else:
+                failed.setdefault(r.id, []).append(
+                    {"teacher": cfg.name, "sample": None, "stage": "prompt", "error": reason}
+                )
         runner = _Runner(cfg, backend, cache, summary, failed)
-        exemplar_set = cfg.exemplars or dataset
-        if cfg.strategy == "few_shot" and not exemplar_set:
-            raise ValueError(f"teacher {cfg.name}: few_shot needs exemplars (a set or a file)")
-        exemplars = get_exemplars(exemplar_set) if exemplar_set else []
-        n = cfg.num_samples
-        params = cfg.generation_params()
-        targets = records
-        if cfg.strategy == "answer_given":
-            targets = [r for r in records if r.label is not None]
-            for r in records:
-                if r.label is None:
-                    failed.setdefault(r.id, []).append(
-                        {"teacher": cfg.name, "sample": None, "stage": "prompt",
-                         "error": "answer_given needs a gold label"}
-                    )  # fmt: skip
-            pool = _pool_for_answer_given(records, exemplars)
-            prompts_by_id = {
-                r.id: prompts.answer_given_prompt(
-                    prompts.choose_demos(pool, cfg.k_shot, r.id), r.input, r.label
-                )
-                for r in targets
-            }
-        elif cfg.strategy == "few_shot":
-            prompts_by_id = {r.id: prompts.few_shot_prompt(exemplars, r.input) for r in targets}
-        else:
-            prompts_by_id = {r.id: prompts.zero_shot_reasoning_prompt(r.input) for r in targets}
-        jobs = [(r, i, prompts_by_id[r.id]) for r in targets for i in range(n)]
-        first = runner.run("reason", jobs, params, progress_stream)
-
-        second: dict[tuple[str, int], dict[str, Any]] = {}
-        if cfg.strategy == "zero_shot":
-            answer_params = GenerationParams(cfg.answer_max_tokens, 0.0, 1.0, ("\n",))
-            jobs2 = [
-                (
-                    r,
-                    i,
-                    prompts.zero_shot_answer_prompt(r.input, first[(r.id, i)]["text"], r.choices),
-                )
-                for r in targets
-                for i in range(n)
-                if (r.id, i) in first
-            ]
-            second = runner.run("answer", jobs2, answer_params, progress_stream)
-
+        outputs = _run_stages(runner, strategy, targets, progress_stream)
         for st in ("attempts", "retries", "prompt_tokens", "completion_tokens"):
             setattr(summary, st, getattr(backend.stats, st))
         summary.errors = dict(sorted(backend.stats.errors.items()))
-
         for r in targets:
-            kept: list[TeacherSample] = []
-            for i in range(n):
-                if (r.id, i) not in first or (
-                    cfg.strategy == "zero_shot" and (r.id, i) not in second
-                ):
-                    continue  # failed; listed in `failed`
-                text = first[(r.id, i)]["text"]
-                if cfg.strategy == "few_shot":
-                    parsed = parse_chain_of_thought(text)
-                    rationale = parsed.rationale
-                    label = normalize_choice_answer(parsed.answer, r.choices)
-                    raw = text
-                elif cfg.strategy == "zero_shot":
-                    answer_text = second[(r.id, i)]["text"]
-                    rationale = prompts.clean_rationale(text)
-                    label = prompts.extract_answer(answer_text, r.choices)
-                    raw = f"{text}\n{prompts.ANSWER_EXTRACTION}{answer_text}"
-                else:
-                    rationale = prompts.clean_rationale(text)
-                    label = r.label
-                    raw = text
-                summary.samples += 1
-                ok = bool(rationale.strip()) and label is not None
-                if ok:
-                    summary.parsed += 1
-                    sample = TeacherSample(rationale=rationale, label=label, raw=raw)
-                else:  # a recorded parse failure, as the data layer expects it
-                    sample = TeacherSample(rationale="", label=None, raw=raw or " ")
-                correct = None
-                if ok and r.label is not None:
-                    summary.with_gold += 1
-                    correct = bool(match(label, r.label, r.choices))
-                    summary.correct += correct
-                if cfg.filter_correct and r.label is not None and not correct:
-                    summary.filtered_out += 1
-                    continue
-                kept.append(sample)
-            samples[r.id][cfg.name] = kept
+            samples[r.id][cfg.name] = _read_samples(
+                r, outputs, strategy, cfg, metrics.METRICS[metric].match, summary
+            )
 
     out: list[Record] = []
     for r in records:
@@ -426,3 +339,79 @@ def annotate(
         out.append(rec)
     failed_list = [{"id": r.id, "errors": failed[r.id]} for r in records if r.id in failed]
     return AnnotationResult(out, failed_list, summaries, cache.torn_lines_dropped)
+
+
+def _strategy(
+    cfg: TeacherConfig, records: Sequence[Record], dataset: str | None
+) -> prompts.Strategy:
+    exemplar_set = cfg.exemplars or dataset
+    try:
+        return prompts.make_strategy(
+            cfg.strategy,
+            get_exemplars(exemplar_set) if exemplar_set else None,
+            records,
+            k_shot=cfg.k_shot,
+            answer_max_tokens=cfg.answer_max_tokens,
+        )
+    except ValueError as e:
+        raise ValueError(f"teacher {cfg.name}: {e}") from None
+
+
+# (record id, sample index) -> (first-stage text, second-stage text or None)
+_Outputs = dict[tuple[str, int], tuple[str, str | None]]
+
+
+def _run_stages(
+    runner: _Runner,
+    strategy: prompts.Strategy,
+    targets: Sequence[Record],
+    progress_stream: TextIO | None,
+) -> _Outputs:
+    """The finished outputs of every (record, sample); a sample whose requests failed is absent."""
+    n = runner.cfg.num_samples
+    prompt_by_id = {r.id: strategy.prompt(r) for r in targets}
+    jobs = [(r, i, prompt_by_id[r.id]) for r in targets for i in range(n)]
+    first = runner.run("reason", jobs, runner.cfg.generation_params(), progress_stream)
+    if strategy.answer_params is None:
+        return {k: (e["text"], None) for k, e in first.items()}
+    jobs = [
+        (r, i, strategy.answer_prompt(r, first[(r.id, i)]["text"]))
+        for r in targets
+        for i in range(n)
+        if (r.id, i) in first
+    ]
+    second = runner.run("answer", jobs, strategy.answer_params, progress_stream)
+    return {k: (first[k]["text"], e["text"]) for k, e in second.items()}
+
+
+def _read_samples(
+    r: Record,
+    outputs: _Outputs,
+    strategy: prompts.Strategy,
+    cfg: TeacherConfig,
+    match: Callable[..., bool],
+    summary: TeacherSummary,
+) -> list[TeacherSample]:
+    """The samples of `r` to keep; counts parses, matches and filtering in `summary`."""
+    kept: list[TeacherSample] = []
+    for i in range(cfg.num_samples):
+        if (r.id, i) not in outputs:
+            continue  # failed; listed in `failed`
+        rationale, label, raw = strategy.read(r, *outputs[(r.id, i)])
+        summary.samples += 1
+        ok = bool(rationale.strip()) and label is not None
+        if ok:
+            summary.parsed += 1
+            sample = TeacherSample(rationale=rationale, label=label, raw=raw)
+        else:  # a recorded parse failure, as the data layer expects it
+            sample = TeacherSample(rationale="", label=None, raw=raw or " ")
+        correct = None
+        if ok and r.label is not None:
+            summary.with_gold += 1
+            correct = bool(match(label, r.label, r.choices))
+            summary.correct += correct
+        if cfg.filter_correct and r.label is not None and not correct:
+            summary.filtered_out += 1
+            continue
+        kept.append(sample)
+    return kept
