@@ -1,6 +1,6 @@
-"""End to end on 127.0.0.1: `python -m distill_sbs.annotate` against `python -m distill_sbs.serve`
-running a tiny random T5 (subprocesses): injected faults, a SIGKILL and restart, and the API key
-never written anywhere."""
+"""End to end on 127.0.0.1: `python -m distill_sbs.annotate` against `distill_sbs.serve` (with the
+fault injection of tests/fault_server.py) running a tiny random T5 (subprocesses): injected
+faults, a SIGKILL and restart, and the API key never written anywhere."""
 
 from __future__ import annotations
 
@@ -60,10 +60,11 @@ def server(checkpoint, tmp_path_factory):
     log = open(logdir / "server.log", "w")
     # One shape only (batch 1, inputs truncated to 256 tokens, 16 new tokens): a single compile,
     # done by the warm-up request, so that no test request waits on the compiler.
+    # distill_sbs.serve with fault injection (POST /debug/faults): tests/fault_server.py.
     cmd = [
-        sys.executable, "-m", "distill_sbs.serve", "--checkpoint", checkpoint, "--port", "0",
-        "--host", "127.0.0.1", "--max_batch_size", "1", "--max_input_length", "256",
-        "--max_tokens_limit", "16", "--api_key_env", KEY_ENV, "--debug_endpoints",
+        sys.executable, os.path.join(REPO, "tests", "fault_server.py"), "--checkpoint", checkpoint,
+        "--port", "0", "--host", "127.0.0.1", "--max_batch_size", "1", "--max_input_length", "256",
+        "--max_tokens_limit", "16", "--api_key_env", KEY_ENV,
         "--request_log", str(logdir / "requests.jsonl"),
     ]  # fmt: skip
     proc = subprocess.Popen(

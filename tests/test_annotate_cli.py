@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from fakes import FakeGenerator
 
 from distill_sbs.serve import Server
-from distill_sbs.teachers.testing import FakeGenerator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DSS = os.path.join(REPO, "..", "shared", "data", "dss")

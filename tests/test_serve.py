@@ -8,9 +8,9 @@ import time
 
 import pytest
 import requests
+from fakes import FakeGenerator, FaultPlan, fault_server
 
 from distill_sbs.serve import Server
-from distill_sbs.teachers.testing import FakeGenerator, FaultPlan
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_concurrent_requests_are_batched(server):
 
 def test_fault_injection_and_request_count():
     plan = "429:retry_after=2@1,500@2,malformed@3,slow=0.3@4,drop@5"
-    with Server(FakeGenerator(), faults=plan) as s:
+    with fault_server(FakeGenerator(), plan) as s:
         url = s.base_url + "/completions"
         r = requests.post(url, json={"prompt": "a"}, timeout=5)
         assert r.status_code == 429 and r.headers["Retry-After"] == "2"

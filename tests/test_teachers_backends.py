@@ -6,6 +6,7 @@ import logging
 import time
 
 import pytest
+from fakes import FakeGenerator, fault_server
 
 from distill_sbs.generation import GenerationParams
 from distill_sbs.serve import Server
@@ -17,7 +18,6 @@ from distill_sbs.teachers.backends import (
     TeacherRequest,
     parse_retry_after,
 )
-from distill_sbs.teachers.testing import FakeGenerator
 
 PARAMS = GenerationParams(max_tokens=32, temperature=0.0)
 
@@ -41,7 +41,7 @@ def _stats(server):
 @pytest.mark.parametrize("api", ["completions", "chat"])
 def test_faults_are_retried_and_every_request_completes(api):
     plan = "429:retry_after=0.2@1,500@2,malformed@3,slow=1.5@4,503@5,drop@6"
-    with Server(FakeGenerator(), faults=plan) as s:
+    with fault_server(FakeGenerator(), plan) as s:
         cfg = HTTPConfig(
             s.base_url, "tiny", api=api, max_concurrency=3, timeout=0.5, backoff_base=0.05
         )
@@ -70,7 +70,7 @@ def test_faults_are_retried_and_every_request_completes(api):
 
 def test_retry_after_is_honoured_and_backoff_grows():
     sleeps = []
-    with Server(FakeGenerator(), faults="429:retry_after=7@1,500@2-4") as s:
+    with fault_server(FakeGenerator(), "429:retry_after=7@1,500@2-4") as s:
         cfg = HTTPConfig(s.base_url, "tiny", max_concurrency=1, backoff_base=1.0, max_retries=5)
         backend = OpenAIBackend(cfg, sleep=sleeps.append)
         results = _run(backend, _reqs(1))
@@ -82,7 +82,7 @@ def test_retry_after_is_honoured_and_backoff_grows():
 
 
 def test_gives_up_after_max_retries_and_on_client_errors():
-    with Server(FakeGenerator(), faults="500@1-3") as s:
+    with fault_server(FakeGenerator(), "500@1-3") as s:
         backend = OpenAIBackend(
             HTTPConfig(s.base_url, "tiny", max_retries=2, max_concurrency=1), sleep=lambda _: None
         )
@@ -134,7 +134,7 @@ def test_api_key_from_env_is_sent_and_never_leaks(monkeypatch, caplog):
     secret = "sk-unit-7f3a9c1e5b"
     monkeypatch.setenv("TEACHER_KEY", secret)
     caplog.set_level(logging.DEBUG)
-    with Server(FakeGenerator(), api_key=secret, faults="500@1") as s:
+    with fault_server(FakeGenerator(), "500@1", api_key=secret) as s:
         backend = OpenAIBackend(
             HTTPConfig(s.base_url, "tiny", api_key_env="TEACHER_KEY"), sleep=lambda _: None
         )

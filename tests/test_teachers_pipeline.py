@@ -9,6 +9,7 @@ import re
 import threading
 
 import pytest
+from fakes import FakeGenerator, fault_server
 
 from distill_sbs.data.records import Record, read_jsonl, write_jsonl
 from distill_sbs.serve import Server
@@ -16,7 +17,6 @@ from distill_sbs.teachers import prompts
 from distill_sbs.teachers.cache import CacheError, RequestCache, request_key
 from distill_sbs.teachers.exemplars import BUILTIN, get_exemplars, load_exemplars
 from distill_sbs.teachers.pipeline import TeacherConfig, annotate, make_backend
-from distill_sbs.teachers.testing import FakeGenerator
 
 # Questions whose answer is their first number plus one; "7" is answered wrongly by the oracle.
 RECORDS = [
@@ -176,7 +176,7 @@ def test_unparsed_output_is_kept_as_a_failure_sample(server, tmp_path):
 
 def test_failures_are_listed_and_a_rerun_sends_only_them(tmp_path):
     # Requests 2 and 3 fail and are not retried: two examples fail, the rest are annotated.
-    with Server(FakeGenerator(oracle), faults="500@2-3") as s:
+    with fault_server(FakeGenerator(oracle), "500@2-3") as s:
         cfg = TeacherConfig(
             "t", base_url=s.base_url, model="m", exemplars="arith", max_concurrency=1, max_retries=0
         )

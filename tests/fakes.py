@@ -1,4 +1,9 @@
-"""Fault injection for tests of teacher clients against `python -m distill_sbs.serve`.
+"""Test doubles: a fake Generator and fault injection into `distill_sbs.serve`.
+
+Test modules import this as `fakes` (pytest puts tests/ on sys.path for them; tests/fault_server.py
+is run as a script from this directory). `fault_server(generator, plan)` is a Server whose
+requests meet the faults of `plan`; `POST /debug/faults {"plan": ...}` replaces the plan of a
+running one, numbered from the next request.
 
 A fault plan is a comma-separated list of `KIND[:OPTS]@WHEN`, where WHEN is the 1-based number of
 a completion request reaching the server (`7`, or a range `7-9`) and KIND is one of
@@ -15,7 +20,14 @@ Example: "429:retry_after=1@3,500@5,slow=3@7,malformed@9".
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import threading
+import time
+from typing import Any
+
+from distill_sbs.generation import GeneratedText, apply_stop
+from distill_sbs.serve import CompletionHandler, Server
 
 _ITEM = re.compile(
     r"^(?P<kind>[a-z0-9]+)(?:=(?P<value>[0-9.]+))?(?::(?P<opts>[^@]*))?@(?P<when>.+)$"
@@ -99,10 +111,6 @@ class FakeGenerator:
         self.calls: list[int] = []  # batch size of each generate call
 
     def generate(self, prompts, params, seed: int = 0):
-        import time
-
-        from distill_sbs.generation import GeneratedText, apply_stop
-
         self.calls.append(len(prompts))
         if self.delay:
             time.sleep(self.delay)
@@ -113,3 +121,74 @@ class FakeGenerator:
             text = apply_stop("".join(words), params.stop)
             out.append(GeneratedText(text, len(p.split()), len(words)))
         return out
+
+
+class Faults:
+    """The fault plan of one server; requests are numbered from `base` (POST /debug/faults)."""
+
+    def __init__(self, plan: FaultPlan):
+        self.plan, self.base = plan, 0
+        self.lock = threading.Lock()
+
+    def for_request(self, number: int) -> Fault | None:
+        with self.lock:
+            return self.plan.for_request(number - self.base)
+
+
+class FaultInjectingHandler(CompletionHandler):
+    """A CompletionHandler whose completion requests first meet the server's fault plan."""
+
+    faults: Faults  # set by fault_handler
+
+    def do_POST(self) -> None:  # noqa: N802
+        if self.path.rstrip("/") != "/debug/faults":
+            super().do_POST()
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            plan = FaultPlan.parse(json.loads(self.rfile.read(length) or b"{}").get("plan"))
+        except (ValueError, AttributeError) as e:
+            self.send_error_json(400, str(e))
+            return
+        with self.state.lock, self.faults.lock:
+            self.faults.plan, self.faults.base = plan, self.state.count
+            self.send_json(200, {"fault_base": self.faults.base})
+
+    def complete(self, chat: bool, raw: bytes, entry: dict[str, Any]) -> None:
+        fault = self.faults.for_request(entry["n"])
+        entry["fault"] = fault.kind if fault else None
+        if fault is None:
+            super().complete(chat, raw, entry)
+        elif fault.kind == "slow":
+            time.sleep(fault.seconds)
+            super().complete(chat, raw, entry)
+        elif fault.kind == "drop":
+            entry["status"] = "dropped"
+            self.state.record(entry)
+            self.close_connection = True
+        elif fault.kind == "malformed":
+            entry["status"] = 200
+            self.state.record(entry)
+            data = b'{"choices": [{"text": "trunc'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        else:
+            headers = {"Retry-After": f"{fault.seconds:g}"} if fault.seconds else None
+            status = int(fault.kind)
+            self.finish_request(
+                entry, status, error=f"injected fault {fault.kind}", headers=headers
+            )
+
+
+def fault_handler(plan: FaultPlan | str | None = None) -> type[FaultInjectingHandler]:
+    """A handler class with its own fault plan (one per server)."""
+    faults = Faults(plan if isinstance(plan, FaultPlan) else FaultPlan.parse(plan))
+    return type("FaultInjectingHandler", (FaultInjectingHandler,), {"faults": faults})
+
+
+def fault_server(generator, faults: FaultPlan | str | None = None, **kwargs: Any) -> Server:
+    """A (not yet started) Server over `generator` whose requests meet `faults`."""
+    return Server(generator, handler_class=fault_handler(faults), **kwargs)
