@@ -1,0 +1,105 @@
+"""The Distilling Step-by-Step paper's grid (Hsieh et al. 2023): datasets x methods x students.
+
+A paper run composes gin files, T5X style: `paper/base.gin` (the paper's hyperparameters), one file
+per dataset (`paper/cqa.gin`: its name and metric), a model size, and the METHOD macro:
+
+    python -m distill_sbs.train --gin_file=paper/base.gin --gin_file=paper/cqa.gin \\
+        --gin_file=models/t5_1_1_base.gin --gin.METHOD="'dss'" \\
+        --gin.MODEL_DIR="'/runs/cqa_dss'" --gin.PRETRAINED_DIR="'/ckpt/t5-v1_1-base'" \\
+        --gin.DATA_DIR="'/data/dss'" --gin.TRAIN_FRACTION=0.125
+
+`mixture_name` and `best_metric` turn DATASET and METHOD into the SeqIO mixture and the metric
+that selects the best checkpoint (gin cannot join strings); `run_flags` gives the flags of one
+cell of the grid, which launch/paper_sweep.py prints for the whole grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+
+# Each dataset has gin/paper/<name>.gin; the mixtures <name>_<method> come from distill_sbs.tasks.
+DATASETS = ("cqa", "svamp", "esnli", "anli1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A training method; its mixture is <dataset>_<method>."""
+
+    description: str
+    # Suffix of the sub-task whose metric selects checkpoints: a multi-task (DSS) mixture is
+    # scored on its label task, a single-task mixture on itself.
+    scored_suffix: str = ""
+
+
+METHODS = {
+    "finetune": Method("standard fine-tuning on gold labels"),
+    "distill": Method("standard distillation on the teacher LLM's labels"),
+    "dss": Method("Distilling Step-by-Step, gold labels + LLM rationales", "_label"),
+    "dss_llm": Method("Distilling Step-by-Step, LLM labels + LLM rationales", "_label"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A student size: models/<name>.gin, the HF checkpoint the paper starts from, its sharding."""
+
+    hf_checkpoint: str
+    num_partitions: int = 1  # devices on the "model" mesh axis
+    fully_sharded: bool = False
+
+    @property
+    def hf_dir(self) -> str:
+        """The checkpoint's folder name (e.g. t5-v1_1-base) under a local or gs:// root."""
+        return self.hf_checkpoint.split("/")[-1]
+
+
+MODELS = {
+    "t5_1_1_base": Model("google/t5-v1_1-base"),
+    "t5_1_1_large": Model("google/t5-v1_1-large"),
+    "t5_1_1_xxl": Model("google/t5-v1_1-xxl", num_partitions=8, fully_sharded=True),
+}
+
+# The paper's data-size sweep (fractions of the training split).
+FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+
+
+def _check(kind: str, value: str, known) -> None:
+    if value not in known:
+        raise ValueError(f"{kind}={value!r} is not one of: {', '.join(known)}")
+
+
+@gin.configurable(module="paper")
+def mixture_name(dataset: str = gin.REQUIRED, method: str = gin.REQUIRED) -> str:
+    """The SeqIO mixture of `method` on `dataset`, e.g. cqa_dss."""
+    _check("DATASET", dataset, DATASETS)
+    _check("METHOD", method, METHODS)
+    return f"{dataset}_{method}"
+
+
+@gin.configurable(module="paper")
+def best_metric(
+    dataset: str = gin.REQUIRED, method: str = gin.REQUIRED, metric: str = gin.REQUIRED
+) -> str:
+    """The "<task>/<metric>" key that selects the best checkpoint, e.g. cqa_dss_label/accuracy."""
+    return f"{mixture_name(dataset, method)}{METHODS[method].scored_suffix}/{metric}"
+
+
+def run_flags(dataset: str, method: str, model: str) -> list[str]:
+    """The gin flags of one paper run (without MODEL_DIR, PRETRAINED_DIR and the data paths)."""
+    _check("dataset", dataset, DATASETS)
+    _check("method", method, METHODS)
+    _check("model", model, MODELS)
+    size = MODELS[model]
+    flags = [
+        "--gin_file=paper/base.gin",
+        f"--gin_file=paper/{dataset}.gin",
+        f"--gin_file=models/{model}.gin",
+        f"--gin.METHOD='{method}'",
+    ]
+    if size.num_partitions != 1:
+        flags.append(f"--gin.NUM_PARTITIONS={size.num_partitions}")
+    if size.fully_sharded:
+        flags.append("--gin.FULLY_SHARDED=True")
+    return flags
