@@ -24,6 +24,8 @@ setup(
         "gin-config>=0.5",
         "sentencepiece>=0.2",
         "absl-py",
+        "clu>=0.0.12",
+        "etils[epath]",
         "requests>=2.31",
         "numpy",
         "safetensors>=0.4",

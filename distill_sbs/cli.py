@@ -1,10 +1,12 @@
-"""Shared gin/absl plumbing of the entry points (train, eval, infer), T5X style:
+"""absl flags + gin for the entry points (train, eval, infer, compare), T5X style:
 
-    python -m distill_sbs.train --gin_file=quickstart.gin --gin.TRAIN_STEPS=100 \
+    python -m distill_sbs.compare --gin_file=quickstart.gin --gin.TRAIN_STEPS=100 \\
         --gin.MODEL_DIR="'/tmp/x'"
 
-gin files are found by path, or by name relative to the project's gin/ directory; `--gin.KEY=VALUE`
-and `--gin_bindings=...` are bindings applied after the files.
+Flags: --gin_file (repeatable), --gin_bindings (repeatable), --gin_search_paths (repeatable), and
+the shorthand --gin.KEY=VALUE for --gin_bindings="KEY = VALUE". gin files are found by path, then
+under each search path, then in the package's own gin/ directory (the configs travel with the
+package); ".gin" may be left out.
 """
 
 from __future__ import annotations
@@ -15,76 +17,72 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import distill_sbs
 import gin
+from absl import app, flags
 
-GIN_DIR = Path(distill_sbs.__file__).resolve().parent / "gin"
+GIN_DIR = Path(__file__).resolve().parent / "gin"
 
-
-def resolve_gin_file(name: str) -> str:
-    """A gin file by path, else relative to the project's gin/ directory (".gin" optional)."""
-    candidates = [name, str(GIN_DIR / name)]
-    if not name.endswith(".gin"):
-        candidates += [name + ".gin", str(GIN_DIR / (name + ".gin"))]
-    for c in candidates:
-        if os.path.isfile(c):
-            return os.path.abspath(c)
-    raise FileNotFoundError(
-        f"gin file {name!r} not found (looked in the current directory and in {GIN_DIR})"
-    )
+flags.DEFINE_multi_string("gin_file", None, "gin config file(s); see --gin_search_paths.")
+flags.DEFINE_multi_string("gin_bindings", [], "gin binding(s), e.g. 'TRAIN_STEPS = 100'.")
+flags.DEFINE_multi_string(
+    "gin_search_paths", [], f"directories searched for gin files (and {GIN_DIR} always)."
+)
+FLAGS = flags.FLAGS
 
 
-def split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
-    """(gin files, gin bindings, remaining argv) from T5X-style flags.
-
-    Accepts --gin_file=F (repeatable, or comma-separated), --gin_bindings=B (repeatable), and the
-    shorthand --gin.KEY=VALUE for the binding `KEY = VALUE`.
-    """
-    files: list[str] = []
-    bindings: list[str] = []
-    rest: list[str] = []
-    it = iter(argv)
-
-    def value(arg: str, prefix: str) -> str:
-        if arg.startswith(prefix + "="):
-            return arg[len(prefix) + 1 :]
-        try:
-            return next(it)
-        except StopIteration:
-            raise SystemExit(f"flag {prefix} needs a value") from None
-
-    for arg in it:
-        if arg.startswith("--gin_file") or arg.startswith("--gin_files"):
-            prefix = "--gin_files" if arg.startswith("--gin_files") else "--gin_file"
-            files += [f for f in value(arg, prefix).split(",") if f]
-        elif arg.startswith("--gin_bindings") or arg.startswith("--gin_param"):
-            prefix = "--gin_bindings" if arg.startswith("--gin_bindings") else "--gin_param"
-            bindings.append(value(arg, prefix))
-        elif arg.startswith("--gin."):
-            key, sep, val = arg[len("--gin.") :].partition("=")
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+    """argv with each --gin.KEY=VALUE turned into --gin_bindings=KEY = VALUE (absl cannot
+    define a flag per gin parameter)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--gin."):
+            key, sep, value = arg[len("--gin.") :].partition("=")
             if not sep:
                 raise SystemExit(f"{arg}: expected --gin.KEY=VALUE")
-            bindings.append(f"{key} = {val}")
-        else:
-            rest.append(arg)
-    return files, bindings, rest
+            arg = f"--gin_bindings={key} = {value}"
+        out.append(arg)
+    return out
 
 
-def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
-    """Parses gin files (searched also under gin/) and bindings, with a clear error on a typo."""
-    gin.add_config_file_search_path(str(GIN_DIR))
-    resolved = [resolve_gin_file(f) for f in files]
-    for f in resolved:
-        gin.add_config_file_search_path(os.path.dirname(f))
+def resolve(name: str, search_paths: Sequence[str] = ()) -> str:
+    """The absolute path of a gin file: `name` as a path, else under each search path, else under
+    the package's gin/ directory (".gin" optional)."""
+    names = [name] if name.endswith(".gin") else [name, name + ".gin"]
+    for directory in ["", *search_paths, str(GIN_DIR)]:
+        for n in names:
+            candidate = os.path.join(directory, n)
+            if os.path.isfile(candidate):
+                return os.path.abspath(candidate)
+    looked = ", ".join(["the current directory", *search_paths, str(GIN_DIR)])
+    raise SystemExit(f"gin file {name!r} not found (looked in {looked})")
+
+
+def parse_gin(
+    files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = ()
+) -> None:
+    """Parses gin files and bindings; a typo or a missing file is one clear error line."""
+    resolved = [resolve(f, search_paths) for f in files]
+    # `include` statements are searched under the same directories and beside each given file.
+    for directory in [str(GIN_DIR), *search_paths, *(os.path.dirname(f) for f in resolved)]:
+        gin.add_config_file_search_path(directory)
     # gin logs an error for each search-path miss of an `include` before it finds the file.
     quiet = _DropMessages("Path not found:")
     logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
-    except (ValueError, KeyError, NameError, ImportError) as e:
+    except (ValueError, KeyError, NameError, ImportError, OSError) as e:
         raise SystemExit(f"gin configuration error: {e}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
+
+
+def is_bound(parameter: str) -> bool:
+    """Whether the parsed gin config binds `parameter` ("configurable.arg")."""
+    try:
+        gin.query_parameter(parameter)
+        return True
+    except ValueError:
+        return False
 
 
 class _DropMessages(logging.Filter):
@@ -104,17 +102,10 @@ def import_builtin_tasks() -> None:
         print(f"warning: built-in tasks not importable: {e}", file=sys.stderr)
 
 
-def run(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
-    """Parses gin flags, then calls `main` (a gin-configurable function with all its arguments
-    bound by gin)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        raise SystemExit(0)
-    files, bindings, rest = split_gin_args(argv)
-    if rest:
-        raise SystemExit(f"unknown argument(s): {rest}; use --gin_file=... and --gin.KEY=VALUE")
-    if not files:
+def _setup_and_call(main: Callable[[], object], argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise SystemExit(f"unknown argument(s): {list(argv[1:])}; use --gin_file and --gin.K=V")
+    if not FLAGS.gin_file:
         raise SystemExit("no --gin_file given")
     from distill_sbs.partitioning import maybe_initialize_distributed
 
@@ -129,5 +120,16 @@ def run(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
         )
     )
     import_builtin_tasks()
-    parse_gin(files, bindings)
+    parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     main()
+
+
+def run(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
+    """The absl app of an entry point: parses the flags and gin, then calls `main` (a function
+    whose arguments gin binds). --help prints the entry point's docstring and the flags."""
+    argv = list(sys.argv if argv is None else argv)
+    app.run(
+        lambda args: _setup_and_call(main, args),
+        argv=argv,
+        flags_parser=lambda args: app.parse_flags_with_usage(rewrite_gin_args(args)),
+    )

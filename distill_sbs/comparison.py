@@ -1,5 +1,6 @@
 """Train several students with the same settings and print their accuracies side by side (the
-quickstart)."""
+quickstart): `compare` (gin-configurable, behind `python -m distill_sbs.compare`) and the
+majority-answer baseline it prints beside them."""
 
 from __future__ import annotations
 
@@ -62,11 +63,3 @@ def majority_baseline(dataset: str, split: str = "test") -> tuple[str, float]:
     # most_common breaks ties by first occurrence, which is deterministic for a fixed dataset.
     label = collections.Counter(train_labels).most_common(1)[0][0]
     return label, 100.0 * sum(lb == label for lb in labels) / len(labels)
-
-
-def compare_bound() -> bool:
-    try:
-        gin.query_parameter("compare.runs")
-        return True
-    except ValueError:
-        return False

@@ -1,12 +1,17 @@
-"""Evaluation of a model on a task or mixture through seqio.Evaluator (predictions and metrics)."""
+"""Evaluation of a model on a task or mixture through seqio.Evaluator (predictions and metrics):
+`TaskEvaluator` (built once per training run), `evaluate_tasks` (one-off) and `evaluate`, the
+gin-configurable function behind `python -m distill_sbs.eval`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
+import gin
 import numpy as np
 import seqio
+from etils import epath
 
 from distill_sbs.generation import generate_ids
 
@@ -113,3 +118,43 @@ def evaluate_tasks(
     return evaluator.evaluate(
         model, params, batch_size=batch_size, max_decode_length=max_decode_length
     )
+
+
+@gin.configurable
+def evaluate(
+    checkpoint_path: str = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    split: str = "test",
+    batch_size: int = 32,
+    max_decode_length: int | None = None,
+    num_examples: int | None = None,
+    output_dir: str | None = None,
+) -> dict[str, float]:
+    """Prints the metrics of a checkpoint on a split; with `output_dir`, also writes metrics.json
+    and one predictions JSONL per evaluated task there."""
+    import distill_sbs
+
+    model, params = distill_sbs.load(checkpoint_path)
+    metrics, outputs = evaluate_tasks(
+        model,
+        params,
+        mixture_or_task_name,
+        split=split,
+        task_feature_lengths=task_feature_lengths,
+        batch_size=batch_size,
+        max_decode_length=max_decode_length,
+        num_examples=num_examples,
+    )
+    if not metrics:
+        raise SystemExit(f"{mixture_or_task_name}: no task with metrics has split {split!r}")
+    for k, v in sorted(metrics.items()):
+        print(f"{k}: {v:.4f}")
+    if output_dir:
+        out = epath.Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"checkpoint": checkpoint_path, "split": split, **metrics}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        for task, rows in outputs.items():
+            (out / f"{task}.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return metrics

@@ -1,17 +1,32 @@
-"""The training loop: `train` (gin-configurable), resuming from MODEL_DIR."""
+"""The training loop, in MaxText's shape: setup -> loop -> iteration.
+
+`train` (gin-configurable) reads top to bottom: `setup` builds the model, optimizer, Trainer and
+checkpoint manager; `restore_state` resumes from MODEL_DIR's latest checkpoint, else starts from
+INITIAL_CHECKPOINT_PATH, else from a fresh init; `train_batches` is this host's deterministic
+stream, skipped to the saved position. Then each `train_iteration` runs one compiled step and adds
+its metric sums on device; every `log_period` steps (clu's ReportProgress decides, and measures
+steps/s) `log_train` fetches them, the loop's only host synchronisation, and writes them through
+clu metric writers (TensorBoard under MODEL_DIR/train, MODEL_DIR/train_metrics.jsonl); a
+checkpoint every `checkpoint_period` steps and at the end; `PeriodicEval` every `eval_period` steps
+and at the end (TensorBoard under MODEL_DIR/eval); `finish` writes final_metrics.json.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import seqio
+import tensorflow as tf
+from clu import metric_writers, periodic_actions
+from etils import epath
 
 from distill_sbs import checkpoints, optimizers, partitioning
 from distill_sbs.evaluation import TaskEvaluator
@@ -20,70 +35,7 @@ from distill_sbs.network import T5Config
 from distill_sbs.trainer import Trainer, TrainState, add_metrics
 
 METRICS_FILE = "train_metrics.jsonl"
-
-
-def task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
-    provider = seqio.get_mixture_or_task(mixture_or_task_name)
-    return provider.output_features["targets"].vocabulary
-
-
-def objectives_of(mixture_or_task_name: str) -> list[tuple[str, float]]:
-    """(name, weight) per objective id; a plain SeqIO task is one objective of weight 1."""
-    from distill_sbs import data
-
-    try:
-        return [(o.name, o.weight) for o in data.get_objectives(mixture_or_task_name)]
-    except KeyError:
-        return [("targets", 1.0)]
-
-
-def build_model(config: T5Config, vocabulary: seqio.Vocabulary | None) -> Any:
-    from distill_sbs.models import EncoderDecoderModel
-
-    if vocabulary is not None and config.vocab_size < vocabulary.vocab_size:
-        raise ValueError(
-            f"T5Config.vocab_size={config.vocab_size} is smaller than the task vocabulary "
-            f"({vocabulary.vocab_size} ids); set T5Config.vocab_size >= {vocabulary.vocab_size}"
-        )
-    return EncoderDecoderModel(config, vocabulary)
-
-
-def load_initial_params(path: str, abstract_params: Any) -> Any:
-    """Parameters of a native checkpoint / MODEL_DIR / HF folder, checked against the model."""
-    from distill_sbs import models
-
-    _, params = models.load(path)
-    want = jax.tree_util.tree_leaves_with_path(abstract_params)
-    got = dict(jax.tree_util.tree_leaves_with_path(params))
-    got = {jax.tree_util.keystr(k): v for k, v in got.items()}
-    for k, a in want:
-        key = jax.tree_util.keystr(k)
-        if key not in got:
-            raise ValueError(f"INITIAL_CHECKPOINT_PATH={path}: no parameter {key} (model mismatch)")
-        if tuple(got[key].shape) != tuple(a.shape):
-            raise ValueError(
-                f"INITIAL_CHECKPOINT_PATH={path}: parameter {key} has shape {got[key].shape}, "
-                f"the model (gin T5Config) wants {a.shape}"
-            )
-    return params
-
-
-class _Progress:
-    """steps/s, examples/s and ETA between two log points."""
-
-    def __init__(self, start_step: int, total: int, batch_size: int) -> None:
-        self.t, self.step, self.total, self.batch = time.time(), start_step, total, batch_size
-
-    def line(self, step: int) -> tuple[str, dict[str, float]]:
-        now = time.time()
-        sps = (step - self.step) / max(now - self.t, 1e-9)
-        self.t, self.step = now, step
-        eta = (self.total - step) / max(sps, 1e-9)
-        text = f"{sps:.2f} steps/s, {sps * self.batch:.1f} examples/s, ETA {eta / 60:.1f} min"
-        return text, {
-            "timing/steps_per_second": sps,
-            "timing/examples_per_second": sps * self.batch,
-        }
+FINAL_METRICS_FILE = "final_metrics.json"
 
 
 @gin.configurable(denylist=["partitioner"])
@@ -123,229 +75,423 @@ def train(
     eval_loss_batches: at each evaluation also report the teacher-forced loss and token accuracy
     per objective on that many batches of the eval split (0: predictions and metrics only).
     """
-    import tensorflow as tf
+    args = dict(locals())  # the arguments above, as one value the steps below read
+    partitioner = args.pop("partitioner") or partitioning.create_partitioner()
+    cfg = TrainConfig(**args)
+    _hide_gpus_from_tensorflow()
+    run = setup(cfg, partitioner)
+    state, start_step, consumed = restore_state(run, cfg)
+    batches = train_batches(cfg, skip=consumed)
+    writers = create_writers(run.model_dir)
+    periodic_eval = PeriodicEval(cfg, run, writers.eval)
+    end_step = (
+        train_steps if stop_after_steps is None else min(train_steps, start_step + stop_after_steps)
+    )
+    progress = _ReportProgress(
+        num_train_steps=train_steps,
+        every_steps=log_period,
+        every_secs=None,  # log on fixed steps only, so the logged windows line up
+        on_steps=[end_step],
+        writer=writers.progress,
+    )
+    progress(start_step)  # the first call only starts the clock
+    acc, train_summary, eval_metrics = None, {}, {}
+    step = start_step
+    for step in range(start_step + 1, end_step + 1):
+        state, acc = train_iteration(run, state, next(batches), acc)
+        if progress(step):  # every log_period steps and at end_step
+            train_summary = log_train(run, cfg, step, jax.device_get(acc), progress, writers.train)
+            acc = None
+        if run.ckpt.should_save(step) or step == end_step:
+            data_state = {"batches_consumed": consumed + step - start_step, "seed": seed}
+            force = step == end_step
+            run.ckpt.save(step, state.params, state.opt_state, data_state, force=force)
+        if eval_period and step % eval_period == 0:
+            eval_metrics = periodic_eval(step, state.params)
+    if eval_at_end and step == train_steps and (not eval_period or step % eval_period):
+        eval_metrics = periodic_eval(step, state.params)
+    return finish(run, writers, step, train_summary, eval_metrics)
 
-    from distill_sbs import data
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`train`'s arguments (see there), minus the partitioner."""
+
+    model_dir: str
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    train_steps: int
+    batch_size: int
+    model_config: T5Config | None
+    initial_checkpoint_path: str | None
+    pack: bool
+    seed: int
+    num_microbatches: int
+    label_smoothing: float
+    z_loss: float
+    log_period: int
+    checkpoint_period: int
+    keep_checkpoints: int | None
+    async_checkpointing: bool
+    eval_period: int
+    eval_split: str
+    eval_num_examples: int | None
+    eval_batch_size: int
+    max_decode_length: int | None
+    best_metric: str | None
+    eval_at_end: bool
+    eval_loss_batches: int
+    stop_after_steps: int | None
+
+
+@dataclasses.dataclass
+class Run:
+    """What `setup` builds for one training run."""
+
+    model_dir: str  # absolute unless a URL (gs://...)
+    model: Any  # models.EncoderDecoderModel
+    objective_names: list[str]  # by objective id
+    trainer: Trainer
+    partitioner: partitioning.Partitioner
+    lr_schedule: Any  # optax schedule: step -> learning rate
+    ckpt: checkpoints.CheckpointManager
+
+
+# ---- setup ------------------------------------------------------------------------------------
+
+
+def _hide_gpus_from_tensorflow() -> None:
     try:  # the input pipeline must not take accelerator memory from JAX
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:  # TensorFlow already initialised its devices
         pass
+
+
+def setup(cfg: TrainConfig, partitioner: partitioning.Partitioner) -> Run:
+    """Model, optimizer, Trainer and checkpoint manager of a run; checks BATCH_SIZE."""
+    num_hosts = jax.process_count()
+    if cfg.batch_size % partitioner.data_size or cfg.batch_size % num_hosts:
+        raise ValueError(
+            f"BATCH_SIZE={cfg.batch_size} must be divisible by the data-parallel size "
+            f"{partitioner.data_size} and the number of hosts {num_hosts}"
+        )
+    model_dir = cfg.model_dir
     if "://" not in model_dir:  # keep gs:// and other URLs as they are
         model_dir = os.path.abspath(os.path.expanduser(model_dir))
-    tf.io.gfile.makedirs(model_dir)
-    partitioner = partitioner or partitioning.create_partitioner()
-    vocabulary = task_vocabulary(mixture_or_task_name)
-    config = model_config or T5Config()
+    epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+    vocabulary = task_vocabulary(cfg.mixture_or_task_name)
+    config = cfg.model_config or T5Config()
     model = build_model(config, vocabulary)
-    objectives = objectives_of(mixture_or_task_name)
-    names = [n for n, _ in objectives]
-    optimizer, lr_schedule = optimizers.create_optimizer(total_steps=train_steps)
+    objectives = objectives_of(cfg.mixture_or_task_name)
+    optimizer, lr_schedule = optimizers.create_optimizer(total_steps=cfg.train_steps)
     trainer = Trainer(
         model,
         optimizer,
         partitioner,
         [w for _, w in objectives],
-        num_microbatches=num_microbatches,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        dropout_seed=seed,
+        num_microbatches=cfg.num_microbatches,
+        label_smoothing=cfg.label_smoothing,
+        z_loss=cfg.z_loss,
+        dropout_seed=cfg.seed,
     )
-    num_hosts = jax.process_count()
-    if batch_size % partitioner.data_size or batch_size % num_hosts:
-        raise ValueError(
-            f"BATCH_SIZE={batch_size} must be divisible by the data-parallel size "
-            f"{partitioner.data_size} and the number of hosts {num_hosts}"
-        )
     ckpt = checkpoints.CheckpointManager(
         model_dir,
         config=config,
         vocab_file=getattr(vocabulary, "sentencepiece_model_file", None),
         extra_ids=getattr(vocabulary, "extra_ids", 0),
-        save_interval_steps=checkpoint_period,
-        max_to_keep=keep_checkpoints,
-        async_save=async_checkpointing,
-        best_metric=best_metric,
+        save_interval_steps=cfg.checkpoint_period,
+        max_to_keep=cfg.keep_checkpoints,
+        async_save=cfg.async_checkpointing,
+        best_metric=cfg.best_metric,
     )
+    names = [n for n, _ in objectives]
+    return Run(model_dir, model, names, trainer, partitioner, lr_schedule, ckpt)
 
-    # ---- state: resume > initial checkpoint > fresh ---------------------------------------------
-    abstract, shardings = trainer.abstract_state(trainer.abstract_params())
-    latest = ckpt.latest_step()
-    batches_consumed = 0
+
+def task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
+    provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    return provider.output_features["targets"].vocabulary
+
+
+def objectives_of(mixture_or_task_name: str) -> list[tuple[str, float]]:
+    """(name, weight) per objective id; a plain SeqIO task is one objective of weight 1."""
+    from distill_sbs import data
+
+    try:
+        return [(o.name, o.weight) for o in data.get_objectives(mixture_or_task_name)]
+    except KeyError:
+        return [("targets", 1.0)]
+
+
+def build_model(config: T5Config, vocabulary: seqio.Vocabulary | None) -> Any:
+    from distill_sbs.models import EncoderDecoderModel
+
+    if vocabulary is not None and config.vocab_size < vocabulary.vocab_size:
+        raise ValueError(
+            f"T5Config.vocab_size={config.vocab_size} is smaller than the task vocabulary "
+            f"({vocabulary.vocab_size} ids); set T5Config.vocab_size >= {vocabulary.vocab_size}"
+        )
+    return EncoderDecoderModel(config, vocabulary)
+
+
+# ---- state: resume > initial checkpoint > fresh -----------------------------------------------
+
+
+def restore_state(run: Run, cfg: TrainConfig) -> tuple[TrainState, int, int]:
+    """(state, its step, batches already consumed) from MODEL_DIR's latest checkpoint, else from
+    INITIAL_CHECKPOINT_PATH (step 0), else freshly initialised from the seed."""
+    abstract, shardings = run.trainer.abstract_state()
+    latest = run.ckpt.latest_step()
     if latest is not None:
-        params, opt_state, data_state = ckpt.restore(latest, abstract.params, abstract.opt_state)
-        state = TrainState(
-            step=jax.device_put(jnp.asarray(latest, jnp.int32), shardings.step),
-            params=params,
-            opt_state=opt_state,
+        params, opt_state, data_state = run.ckpt.restore(
+            latest, abstract.params, abstract.opt_state
         )
-        batches_consumed = int(data_state["batches_consumed"])
-        print(f"resumed from {model_dir}/{checkpoints.STEP_PREFIX}_{latest}")
-    elif initial_checkpoint_path:
-        state = trainer.init_state(
-            params=load_initial_params(initial_checkpoint_path, abstract.params)
-        )
-        print(f"initialised from {initial_checkpoint_path}")
-    else:
-        state = trainer.init_state(jax.random.PRNGKey(seed))
-    start_step = int(latest or 0)
+        step = jax.device_put(jnp.asarray(latest, jnp.int32), shardings.step)
+        print(f"resumed from {run.model_dir}/{checkpoints.STEP_PREFIX}_{latest}")
+        state = TrainState(step=step, params=params, opt_state=opt_state)
+        return state, latest, int(data_state["batches_consumed"])
+    if cfg.initial_checkpoint_path:
+        params = load_initial_params(cfg.initial_checkpoint_path, abstract.params)
+        print(f"initialised from {cfg.initial_checkpoint_path}")
+        return run.trainer.init_state(params=params), 0, 0
+    return run.trainer.init_state(jax.random.PRNGKey(cfg.seed)), 0, 0
 
-    # ---- data: this host's shard, deterministic, skipped to the saved position -----------------
+
+def load_initial_params(path: str, abstract_params: Any) -> Any:
+    """Parameters of a native checkpoint / MODEL_DIR / HF folder, checked against the model."""
+    from distill_sbs import models
+
+    _, params = models.load(path)
+    want = jax.tree_util.tree_leaves_with_path(abstract_params)
+    got = dict(jax.tree_util.tree_leaves_with_path(params))
+    got = {jax.tree_util.keystr(k): v for k, v in got.items()}
+    for k, a in want:
+        key = jax.tree_util.keystr(k)
+        if key not in got:
+            raise ValueError(f"INITIAL_CHECKPOINT_PATH={path}: no parameter {key} (model mismatch)")
+        if tuple(got[key].shape) != tuple(a.shape):
+            raise ValueError(
+                f"INITIAL_CHECKPOINT_PATH={path}: parameter {key} has shape {got[key].shape}, "
+                f"the model (gin T5Config) wants {a.shape}"
+            )
+    return params
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def host_dataset(cfg: TrainConfig, split: str, *, training: bool) -> tf.data.Dataset:
+    """This host's shard of a split in batches of BATCH_SIZE / hosts: shuffled and repeated
+    (deterministically, from the seed) for training, one ordered pass otherwise."""
+    from distill_sbs import data
+
     shard_id, num_shards = partitioning.host_shard_info()
-    ds = data.get_dataset(
-        mixture_or_task_name,
-        task_feature_lengths=task_feature_lengths,
-        split="train",
-        batch_size=batch_size // num_shards,
-        shuffle=True,
-        seed=seed,
-        pack=pack,
+    return data.get_dataset(
+        cfg.mixture_or_task_name,
+        task_feature_lengths=cfg.task_feature_lengths,
+        split=split,
+        batch_size=cfg.batch_size // num_shards,
+        shuffle=training,
+        seed=cfg.seed,
+        pack=cfg.pack,
         shard_id=shard_id,
         num_shards=num_shards,
-        repeat=True,
-    )
-    if batches_consumed:
-        ds = ds.skip(batches_consumed)
-    batches = ds.as_numpy_iterator()
-
-    eval_metrics: dict[str, float] = {}
-    do_eval = bool(eval_period or best_metric or eval_at_end)
-
-    import tensorflow as tf
-
-    is_chief = jax.process_index() == 0
-    train_writer = (
-        tf.summary.create_file_writer(os.path.join(model_dir, "train")) if is_chief else None
-    )
-    eval_writer = (
-        tf.summary.create_file_writer(os.path.join(model_dir, "eval")) if is_chief else None
-    )
-    metrics_log = (
-        tf.io.gfile.GFile(os.path.join(model_dir, METRICS_FILE), "a") if is_chief else None
+        repeat=training,
     )
 
-    def eval_loss(step: int) -> dict[str, float]:
-        try:
-            eval_ds = data.get_dataset(
-                mixture_or_task_name,
-                task_feature_lengths=task_feature_lengths,
-                split=eval_split,
-                batch_size=batch_size // num_shards,
-                shuffle=False,
-                pack=pack,
-                shard_id=shard_id,
-                num_shards=num_shards,
-                repeat=False,
+
+def train_batches(cfg: TrainConfig, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """The train stream of this host, past the `skip` batches a resumed run already consumed."""
+    ds = host_dataset(cfg, "train", training=True)
+    if skip:
+        ds = ds.skip(skip)
+    return ds.as_numpy_iterator()
+
+
+# ---- one iteration ----------------------------------------------------------------------------
+
+
+def train_iteration(
+    run: Run, state: TrainState, host_batch: dict[str, np.ndarray], acc: dict | None
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update; its metric sums are added to `acc` on device (no host sync)."""
+    state, metrics = run.trainer.train_step(state, run.partitioner.host_batch_to_global(host_batch))
+    return state, add_metrics(acc, metrics)
+
+
+# ---- metrics: writers, logging, evaluation ----------------------------------------------------
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """A clu MetricWriter appending one JSON line {"step", **scalars} per write_scalars call.
+    Scalars only: images, audio, histograms and the like go to TensorBoard."""
+
+    def __init__(self, path: epath.PathLike) -> None:
+        self._file = epath.Path(path).open("a")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()  # readers (and a resume after SIGKILL) see whole lines
+
+    def write_summaries(self, step, values, metadata=None) -> None:
+        pass
+
+    def write_images(self, step, images) -> None:
+        pass
+
+    def write_videos(self, step, videos) -> None:
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate) -> None:
+        pass
+
+    def write_texts(self, step, texts) -> None:
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None) -> None:
+        pass
+
+    def write_hparams(self, hparams) -> None:
+        pass
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclasses.dataclass
+class Writers:
+    train: metric_writers.MetricWriter  # train summaries: TensorBoard train/ + train_metrics.jsonl
+    progress: metric_writers.MetricWriter | None  # steps/s and uptime: TensorBoard train/
+    eval: metric_writers.MetricWriter  # eval metrics: TensorBoard eval/
+
+
+def create_writers(model_dir: str) -> Writers:
+    """The run's metric writers; on hosts other than the first they write nothing."""
+    if jax.process_index() != 0:
+        return Writers(metric_writers.MultiWriter([]), None, metric_writers.MultiWriter([]))
+    root = epath.Path(model_dir)
+    # Synchronous writers: a logged line is on disk before the loop goes on (see JsonlWriter).
+    tensorboard = metric_writers.SummaryWriter(str(root / "train"))
+    train = metric_writers.MultiWriter([tensorboard, JsonlWriter(root / METRICS_FILE)])
+    return Writers(train, tensorboard, metric_writers.SummaryWriter(str(root / "eval")))
+
+
+class _ReportProgress(periodic_actions.ReportProgress):
+    """clu's ReportProgress that also keeps the steps/s it measured last, for the log line."""
+
+    steps_per_sec = float("nan")
+
+    def _apply(self, step: int, t: float) -> None:
+        self.steps_per_sec = (step - self._previous_step) / (t - self._previous_time)
+        super()._apply(step, t)
+
+
+def log_train(
+    run: Run,
+    cfg: TrainConfig,
+    step: int,
+    sums: dict[str, np.ndarray],
+    progress: _ReportProgress,
+    writer: metric_writers.MetricWriter,
+) -> dict[str, float]:
+    """Prints the log line of `step` and writes the train summary of the metric sums since the
+    last log; returns that summary."""
+    n = float(sums["num_steps"])
+    summary = {
+        "loss": float(sums["loss_sum"]) / n,
+        "grad_norm": float(sums["grad_norm_sum"]) / n,
+        "learning_rate": float(run.lr_schedule(step - 1)),
+        **summarize_metrics(sums, run.objective_names),
+    }
+    sps = progress.steps_per_sec
+    eta = (cfg.train_steps - step) / max(sps, 1e-9)
+    per_obj = " ".join(
+        f"{k}={v:.4f}" for k, v in summary.items() if k.endswith(("/loss", "/accuracy"))
+    )
+    print(
+        f"step {step}/{cfg.train_steps} loss={summary['loss']:.4f} {per_obj} | "
+        f"{sps:.2f} steps/s, {sps * cfg.batch_size:.1f} examples/s, ETA {eta / 60:.1f} min",
+        flush=True,
+    )
+    writer.write_scalars(step, summary)
+    return summary
+
+
+class PeriodicEval:
+    """Evaluation during training: predictions and metrics through a TaskEvaluator (built on
+    first use: it caches the eval examples), optionally the teacher-forced loss per objective;
+    prints, writes to TensorBoard and keeps the best checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, run: Run, writer: metric_writers.MetricWriter) -> None:
+        self.cfg, self.run, self.writer = cfg, run, writer
+        self.task_evaluator: TaskEvaluator | None = None
+
+    def __call__(self, step: int, params: Any) -> dict[str, float]:
+        cfg = self.cfg
+        if self.task_evaluator is None:
+            self.task_evaluator = TaskEvaluator(
+                cfg.mixture_or_task_name,
+                split=cfg.eval_split,
+                task_feature_lengths=cfg.task_feature_lengths,
+                num_examples=cfg.eval_num_examples,
             )
+        results, _ = self.task_evaluator.evaluate(
+            self.run.model,
+            params,
+            batch_size=cfg.eval_batch_size,
+            max_decode_length=cfg.max_decode_length,
+            step=step,
+        )
+        if cfg.eval_loss_batches:
+            results.update(self.loss(step, params))
+        print(f"step {step} eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+        self.writer.write_scalars(step, results)
+        self.run.ckpt.save_best(step, params, results)
+        return results
+
+    def loss(self, step: int, params: Any) -> dict[str, float]:
+        """{"eval_loss/<metric>"} over `eval_loss_batches` full batches of the eval split."""
+        try:
+            ds = host_dataset(self.cfg, self.cfg.eval_split, training=False)
         except ValueError as e:  # e.g. an objective without examples on the eval split
             print(f"step {step}: no eval loss: {e}")
             return {}
+        host_batch_size = self.cfg.batch_size // partitioning.host_shard_info()[1]
         sums = None
-        for b in eval_ds.take(eval_loss_batches).as_numpy_iterator():
-            if len(b["decoder_target_tokens"]) != batch_size // num_shards:
+        for b in ds.take(self.cfg.eval_loss_batches).as_numpy_iterator():
+            if len(b["decoder_target_tokens"]) != host_batch_size:
                 continue  # a final partial batch would not split over the data axis
-            sums = add_metrics(
-                sums, trainer.eval_step(state.params, partitioner.host_batch_to_global(b))
-            )
+            batch = self.run.partitioner.host_batch_to_global(b)
+            sums = add_metrics(sums, self.run.trainer.eval_step(params, batch))
         if sums is None:
             return {}
         sums = jax.device_get(sums)
-        out = summarize_metrics(sums, names)
+        out = summarize_metrics(sums, self.run.objective_names)
         out["loss"] = float(sums["loss_sum"]) / float(sums["num_steps"])
         return {f"eval_loss/{k}": v for k, v in out.items()}
 
-    task_evaluator: TaskEvaluator | None = None
 
-    def evaluate(step: int) -> dict[str, float]:
-        nonlocal task_evaluator
-        if task_evaluator is None:  # built on first use: it caches the eval examples
-            task_evaluator = TaskEvaluator(
-                mixture_or_task_name,
-                split=eval_split,
-                task_feature_lengths=task_feature_lengths,
-                num_examples=eval_num_examples,
-            )
-        results, _ = task_evaluator.evaluate(
-            model,
-            state.params,
-            batch_size=eval_batch_size,
-            max_decode_length=max_decode_length,
-            step=step,
-        )
-        if eval_loss_batches:
-            results.update(eval_loss(step))
-        print(f"step {step} eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
-        if eval_writer is not None:
-            with eval_writer.as_default():
-                for k, v in results.items():
-                    tf.summary.scalar(k, v, step=step)
-        ckpt.save_best(step, state.params, results)
-        return results
-
-    # ---- the loop ------------------------------------------------------------------------------
-    progress = _Progress(start_step, train_steps, batch_size)
-    acc = None
-    train_summary: dict[str, float] = {}
-    step = start_step
-    end_step = (
-        train_steps if stop_after_steps is None else min(train_steps, start_step + stop_after_steps)
-    )
-    while step < end_step:
-        host_batch = next(batches)
-        state, step_metrics = trainer.train_step(
-            state, partitioner.host_batch_to_global(host_batch)
-        )
-        acc = add_metrics(acc, step_metrics)
-        step += 1
-        batches_consumed += 1
-        if step % log_period == 0 or step == end_step:
-            sums = jax.device_get(acc)  # the only host synchronisation of the loop
-            acc = None
-            n = float(sums["num_steps"])
-            train_summary = {
-                "loss": float(sums["loss_sum"]) / n,
-                "grad_norm": float(sums["grad_norm_sum"]) / n,
-                "learning_rate": float(lr_schedule(step - 1)),
-                **summarize_metrics(sums, names),
-            }
-            timing, timing_metrics = progress.line(step)
-            per_obj = " ".join(
-                f"{k}={v:.4f}"
-                for k, v in train_summary.items()
-                if k.endswith(("/loss", "/accuracy"))
-            )
-            print(
-                f"step {step}/{train_steps} loss={train_summary['loss']:.4f} {per_obj} | {timing}",
-                flush=True,
-            )
-            if is_chief:
-                with train_writer.as_default():
-                    for k, v in {**train_summary, **timing_metrics}.items():
-                        tf.summary.scalar(k, v, step=step)
-                metrics_log.write(json.dumps({"step": step, **train_summary}) + "\n")
-                metrics_log.flush()
-        if ckpt.should_save(step) or step == end_step:
-            ckpt.save(
-                step,
-                state.params,
-                state.opt_state,
-                {"batches_consumed": batches_consumed, "seed": seed},
-                force=step == end_step,
-            )
-        if do_eval and eval_period and step % eval_period == 0:
-            eval_metrics = evaluate(step)
-
-    if do_eval and eval_at_end and step == train_steps and (not eval_period or step % eval_period):
-        eval_metrics = evaluate(step)
-    ckpt.wait_until_finished()
-    ckpt.close()
+def finish(
+    run: Run,
+    writers: Writers,
+    step: int,
+    train_summary: dict[str, float],
+    eval_metrics: dict[str, float],
+) -> dict[str, float]:
+    """Waits for the last checkpoint, closes the writers, writes final_metrics.json and prints
+    the final metrics block; returns {"train/<metric>", <eval metric>}."""
+    run.ckpt.wait_until_finished()
+    run.ckpt.close()
+    writers.train.close()
+    writers.eval.close()
     final = {**{f"train/{k}": v for k, v in train_summary.items()}, **eval_metrics}
-    if is_chief:
-        metrics_log.close()
-        train_writer.flush()
-        eval_writer.flush()
-        with tf.io.gfile.GFile(os.path.join(model_dir, "final_metrics.json"), "w") as f:
-            json.dump({"step": step, **final}, f, indent=2)
+    if jax.process_index() == 0:
+        path = epath.Path(run.model_dir) / FINAL_METRICS_FILE
+        path.write_text(json.dumps({"step": step, **final}, indent=2))
         print(f"final metrics (step {step}):")
         for k, v in sorted(final.items()):
             print(f"  {k}: {v:.4f}")

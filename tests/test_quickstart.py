@@ -37,7 +37,7 @@ def test_quickstart_dss_beats_finetuning(tmp_path):
         [
             sys.executable,
             "-m",
-            "distill_sbs.train",
+            "distill_sbs.compare",
             "--gin_file=quickstart.gin",
             f"--gin.MODEL_DIR='{tmp_path}'",
         ],

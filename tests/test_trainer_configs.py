@@ -1,17 +1,19 @@
-"""Every shipped run config parses and names a registered mixture, metric and model; the launcher
-finds gin files by name and turns --gin.KEY=VALUE into bindings."""
+"""The quickstart config parses and names registered mixtures (the paper's configs are tested in
+test_paper_configs.py); the launchers find gin files by name from any working directory, turn
+--gin.KEY=VALUE into bindings and report a typo or a missing file in one line."""
 
 from __future__ import annotations
 
-import glob
 import os
+import subprocess
+import sys
 
 import gin
 import pytest
 
-from distill_sbs import launch_utils
+from distill_sbs import cli
 
-GIN = str(launch_utils.GIN_DIR)
+GIN = str(cli.GIN_DIR)
 
 
 @pytest.fixture(autouse=True)
@@ -21,24 +23,66 @@ def _clean_gin():
     gin.clear_config()
 
 
-def test_split_gin_args_and_resolve():
-    files, bindings, rest = launch_utils.split_gin_args(
-        ["--gin_file=quickstart.gin", "--gin.TRAIN_STEPS=5", "--gin_bindings", "a.b = 1", "-x"]
+def test_gin_flags_and_resolve(tmp_path, monkeypatch):
+    from absl import flags
+
+    argv = cli.rewrite_gin_args(
+        ["prog", "--gin_file=quickstart.gin", "--gin.TRAIN_STEPS=5", "--gin_bindings", "a.b = 1"]
     )
-    assert files == ["quickstart.gin"] and bindings == ["TRAIN_STEPS = 5", "a.b = 1"]
-    assert rest == ["-x"]
-    assert launch_utils.resolve_gin_file("quickstart") == os.path.join(GIN, "quickstart.gin")
-    with pytest.raises(FileNotFoundError, match="nope.gin"):
-        launch_utils.resolve_gin_file("nope.gin")
+    assert argv[2] == "--gin_bindings=TRAIN_STEPS = 5"
+    fv = flags.FlagValues()
+    for name in ("gin_file", "gin_bindings", "gin_search_paths"):
+        fv[name] = flags.FLAGS[name]  # the same flag definitions, parsed in isolation
+    assert fv(argv) == ["prog"]
+    assert fv.gin_file == ["quickstart.gin"] and fv.gin_bindings == ["TRAIN_STEPS = 5", "a.b = 1"]
+    with pytest.raises(flags.UnrecognizedFlagError):
+        fv(["prog", "-x"])
+    with pytest.raises(SystemExit, match="--gin.KEY=VALUE"):
+        cli.rewrite_gin_args(["prog", "--gin.TRAIN_STEPS"])
+
+    monkeypatch.chdir(tmp_path)  # the configs travel with the package, not the working directory
+    assert cli.resolve("quickstart") == os.path.join(GIN, "quickstart.gin")
+    assert cli.resolve("quickstart.gin") == os.path.join(GIN, "quickstart.gin")
+    assert cli.resolve("paper/base.gin") == os.path.join(GIN, "paper", "base.gin")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "quickstart.gin").write_text("")
+    assert cli.resolve("quickstart", ["mine"]) == str(tmp_path / "mine" / "quickstart.gin")
+    with pytest.raises(SystemExit, match="nope.gin"):
+        cli.resolve("nope.gin")
 
 
 def test_gin_typo_is_one_clear_error():
     with pytest.raises(SystemExit, match="TRAIN_STEPZ|train_stepz"):
-        launch_utils.parse_gin(["quickstart.gin"], ["train.train_stepz = 3"])
+        cli.parse_gin(["quickstart.gin"], ["train.train_stepz = 3"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gin_file=nope.gin"], "gin file 'nope.gin' not found"),
+        (["--gin_file=quickstart.gin", "--gin.train.train_stepz=3"], "gin configuration error"),
+        (["--gin_file=quickstart.gin"], "python -m distill_sbs.compare"),
+    ],
+    ids=["missing-file", "typo", "quickstart-to-train"],
+)
+def test_launcher_errors_are_one_line(tmp_path, args, message):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, "-m", "distill_sbs.train", *args],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
 
 
 def _parse(path, extra=()):
-    launch_utils.parse_gin([path], ["MODEL_DIR = '/tmp/x'", *extra])
+    cli.parse_gin([path], ["MODEL_DIR = '/tmp/x'", *extra])
 
 
 def test_quickstart_config():
@@ -50,32 +94,3 @@ def test_quickstart_config():
     for mixture in runs.values():
         seqio.get_mixture_or_task(mixture)
     assert gin.query_parameter("T5Config.vocab_size") >= 256
-
-
-PAPER = sorted(glob.glob(os.path.join(GIN, "paper", "*", "*.gin")))
-
-
-def test_paper_grid_is_complete():
-    names = {os.path.relpath(p, os.path.join(GIN, "paper")) for p in PAPER}
-    assert len(names) == 4 * 4 * 3
-    assert "cqa/dss_t5_1_1_xxl.gin" in names and "svamp/finetune_t5_1_1_base.gin" in names
-
-
-@pytest.mark.parametrize("path", PAPER[::7], ids=lambda p: os.path.relpath(p, GIN))
-def test_paper_config(path):
-    import seqio
-
-    _parse(path, ["PRETRAINED_DIR = '/ckpt'"])
-    mixture = gin.query_parameter("%MIXTURE_OR_TASK_NAME")
-    seqio.get_mixture_or_task(mixture)
-    assert gin.query_parameter("%BATCH_SIZE") == 64
-    assert gin.query_parameter("%TRAIN_STEPS") == 10000
-    assert gin.query_parameter("%LEARNING_RATE") == 5e-5
-    assert gin.query_parameter("%OPTIMIZER") == "adamw"
-    assert gin.query_parameter("%ALPHA") == 0.5
-    assert gin.query_parameter("%TASK_FEATURE_LENGTHS")["inputs"] == 1024
-    best = gin.query_parameter("train.best_metric")
-    provider = seqio.get_mixture_or_task(mixture)
-    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-    scored = [t for t in tasks if t.name == best.split("/")[0]]
-    assert len(scored) == 1 and scored[0].metric_fns

@@ -1,8 +1,12 @@
-"""eval and infer entry-point functions on a tiny random checkpoint (arithmetic vocabulary)."""
+"""The evaluation and inference library functions, and the eval and infer launchers, on a tiny
+random checkpoint (arithmetic vocabulary)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -33,7 +37,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_infer_input_file_with_rationale(checkpoint, tmp_path):
-    from distill_sbs.infer import infer
+    from distill_sbs.inference import infer
 
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"input": "Ann has 2 pens.", "id": "a"}\n\n{"input": "Ben has 3 pens."}\n')
@@ -54,7 +58,7 @@ def test_infer_input_file_with_rationale(checkpoint, tmp_path):
 
 
 def test_infer_bad_input_line_names_file_and_line(tmp_path):
-    from distill_sbs.infer import read_inputs
+    from distill_sbs.inference import read_inputs
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "ok"}\n{"text": "no input"}\n')
@@ -65,8 +69,8 @@ def test_infer_bad_input_line_names_file_and_line(tmp_path):
 def test_eval_and_task_infer(checkpoint, tmp_path):
     import distill_sbs.tasks  # noqa: F401
 
-    from distill_sbs.eval import evaluate
-    from distill_sbs.infer import infer
+    from distill_sbs.evaluation import evaluate
+    from distill_sbs.inference import infer
 
     metrics = evaluate(
         checkpoint_path=checkpoint,
@@ -88,3 +92,37 @@ def test_eval_and_task_infer(checkpoint, tmp_path):
         batch_size=100,
     )
     assert len(rows) == 200 and rows[0]["input"].startswith("[label] ") and rows[0]["target"]
+
+
+@pytest.mark.parametrize("entry", ["eval", "infer"])
+def test_launchers(checkpoint, tmp_path, entry):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    common = [
+        f"--gin.CHECKPOINT_PATH='{checkpoint}'",
+        "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
+        "--gin.BATCH_SIZE=100",
+        "--gin.MAX_DECODE_LENGTH=4",
+    ]
+    if entry == "eval":
+        args = [
+            "--gin_file=runs/eval.gin",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 8}",
+        ]
+        args += ["--gin.evaluate.num_examples=8", f"--gin.OUTPUT_DIR='{tmp_path}'"]
+        expect = "arith_dss_label/numeric_accuracy: "
+    else:
+        args = ["--gin_file=runs/infer.gin", "--gin.INPUT_LENGTH=64"]
+        args += [f"--gin.OUTPUT_FILE='{tmp_path / 'p.jsonl'}'"]
+        expect = f"wrote 200 predictions to {tmp_path / 'p.jsonl'}"
+    out = subprocess.run(
+        [sys.executable, "-m", f"distill_sbs.{entry}", *args, *common],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert expect in out.stdout, out.stdout[-3000:]
