@@ -1,9 +1,10 @@
 """Test doubles: a fake Generator and fault injection into `distill_sbs.serve`.
 
-Test modules import this as `fakes` (pytest puts tests/ on sys.path for them; tests/fault_server.py
-is run as a script from this directory). `fault_server(generator, plan)` is a Server whose
-requests meet the faults of `plan`; `POST /debug/faults {"plan": ...}` replaces the plan of a
-running one, numbered from the next request.
+Test modules import this as `fakes` (tests/ is on sys.path through pyproject's pytest
+`pythonpath`; tests/fault_server.py runs as a script from this directory).
+`fault_server(generator, plan)` is a Server whose requests meet the faults of `plan`;
+`POST /debug/faults {"plan": ...}` replaces the plan of a running one, numbered from the next
+request.
 
 A fault plan is a comma-separated list of `KIND[:OPTS]@WHEN`, where WHEN is the 1-based number of
 a completion request reaching the server (`7`, or a range `7-9`) and KIND is one of

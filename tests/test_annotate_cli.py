@@ -64,3 +64,25 @@ def test_registered_dataset_and_two_teachers_from_a_file(tmp_path):
             assert s["label"] == "( 1.0 + 1.0 )" and s["rationale"]
             # The dataset's own teacher outputs are kept beside the new ones.
             assert "palm" in r["teachers"]
+
+
+def test_one_teacher_from_flags_sets_every_config_field():
+    import dataclasses
+
+    from absl import flags
+
+    from distill_sbs import annotate
+    from distill_sbs.teachers import TeacherConfig
+
+    fields = {f.name for f in dataclasses.fields(TeacherConfig)}
+    assert set(annotate._TEACHER_FLAGS) == fields - {"name"}
+    argv = ["annotate", "--teacher", "t", "--base_url", "http://h/v1", "--model", "m"]
+    argv += ["--answer_max_tokens", "7", "--batch_size", "3", "--strategy", "zero_shot"]
+    flags.FLAGS(argv)
+    try:
+        (cfg,) = annotate.teacher_configs()
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert (cfg.name, cfg.base_url, cfg.model) == ("t", "http://h/v1", "m")
+    assert (cfg.answer_max_tokens, cfg.batch_size, cfg.strategy) == (7, 3, "zero_shot")
+    assert cfg.timeout == TeacherConfig.timeout  # unset flags keep the field's default

@@ -271,3 +271,22 @@ def test_builtin_exemplars_parse_with_the_data_layer_parser():
         for e in exemplars:
             parsed = parse_chain_of_thought(prompts.format_exemplar(e).split("\nA: ", 1)[1])
             assert parsed.answer == e.answer and parsed.rationale == e.rationale, name
+
+
+def test_make_strategy_one_object_per_strategy():
+    exemplars = BUILTIN["arith"]
+    few = prompts.make_strategy("few_shot", exemplars, RECORDS)
+    zero = prompts.make_strategy("zero_shot", None, RECORDS, answer_max_tokens=9)
+    given = prompts.make_strategy("answer_given", exemplars, RECORDS, k_shot=2)
+    assert [type(s).__name__ for s in (few, zero, given)] == ["FewShot", "ZeroShot", "AnswerGiven"]
+    assert few.answer_params is None and given.answer_params is None
+    assert zero.answer_params.max_tokens == 9 and zero.answer_params.stop == ("\n",)
+    r = RECORDS[0]
+    assert few.read(r, " 3 + 1 = 4. So the answer is 4.\n\nQ: x", None)[:2] == ("3 + 1 = 4.", "4")
+    assert zero.read(r, " Add one.", " 4.")[:2] == ("Add one.", "4")
+    assert given.read(r, " Jo adds one.", None)[:2] == ("Jo adds one.", r.label)
+    assert given.unusable(Record(id="x", input="q")) == "answer_given needs a gold label"
+    with pytest.raises(ValueError, match="few_shot needs exemplars"):
+        prompts.make_strategy("few_shot", None, RECORDS)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        prompts.make_strategy("magic", None, RECORDS)
