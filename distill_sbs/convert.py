@@ -15,15 +15,15 @@ d_model]; relative_attention_bias [buckets, heads] <-> rel_embedding [heads, buc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 
 from distill_sbs.network import T5Config
 
@@ -365,27 +365,42 @@ def native_to_hf(checkpoint: str, out_dir: str) -> None:
         shutil.copyfile(ckpt.vocab_file, os.path.join(out_dir, "spiece.model"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill_sbs.convert", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("hf-to-native", help="HF T5 folder -> native checkpoint directory")
-    a.add_argument("--hf_dir", required=True)
-    a.add_argument("--out", required=True)
-    b = sub.add_parser("native-to-hf", help="native checkpoint -> HF T5 folder")
-    b.add_argument("--checkpoint", required=True)
-    b.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+def _define_flags() -> None:
+    """The CLI's flags, defined only when run as a program: as a library module, convert must not
+    claim flag names (--checkpoint, --out) that other entry points define."""
+    flags.DEFINE_string("hf_dir", None, "hf-to-native: the Hugging Face T5 folder to read.")
+    flags.DEFINE_string("checkpoint", None, "native-to-hf: the native checkpoint to read.")
+    flags.DEFINE_string("out", None, "The directory to write.")
+
+
+# command -> (its source flag, the conversion)
+_COMMANDS: dict[str, tuple[str, Callable[[str, str], None]]] = {
+    "hf-to-native": ("hf_dir", hf_to_native),
+    "native-to-hf": ("checkpoint", native_to_hf),
+}
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m distill_sbs.convert COMMAND --SOURCE DIR --out DIR`; 1 on a conversion error."""
+    if len(argv) != 2 or argv[1] not in _COMMANDS:
+        raise app.UsageError(f"expected one command, {' or '.join(_COMMANDS)}; got {argv[1:]}")
+    command = argv[1]
+    source_flag, convert_fn = _COMMANDS[command]
+    FLAGS = flags.FLAGS
+    for other, _ in _COMMANDS.values():
+        if other != source_flag and FLAGS[other].present:
+            raise app.UsageError(f"{command} reads --{source_flag}, not --{other}")
+    if FLAGS[source_flag].value is None or FLAGS.out is None:
+        raise app.UsageError(f"{command} needs --{source_flag} and --out")
     try:
-        if args.command == "hf-to-native":
-            hf_to_native(args.hf_dir, args.out)
-        else:
-            native_to_hf(args.checkpoint, args.out)
+        convert_fn(FLAGS[source_flag].value, FLAGS.out)
     except (ConversionError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}")
+    print(f"wrote {FLAGS.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _define_flags()
+    app.run(main)

@@ -1,4 +1,4 @@
-"""A tiny T5 1.1-shaped model (distill_sbs.models) and a packed two-objective batch, for tests."""
+"""Tiny T5 1.1 configs and models (distill_sbs.models) and a packed two-objective batch."""
 
 from __future__ import annotations
 
@@ -7,15 +7,25 @@ import numpy as np
 from distill_sbs.models import EncoderDecoderModel
 from distill_sbs.network import T5Config
 
-TINY = T5Config(
-    vocab_size=64,
-    emb_dim=16,
-    num_heads=4,
-    num_encoder_layers=2,
-    num_decoder_layers=2,
-    head_dim=8,
-    mlp_dim=32,
-    dropout_rate=0.1,
+
+def tiny_config(**overrides) -> T5Config:
+    """A one-layer T5 1.1 with 16-wide embeddings (vocabulary 256, e.g. the arith SentencePiece);
+    `overrides` replace fields where a test needs another shape."""
+    fields = dict(
+        vocab_size=256,
+        emb_dim=16,
+        num_heads=2,
+        head_dim=8,
+        mlp_dim=32,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+    )
+    return T5Config(**{**fields, **overrides})
+
+
+# Two layers and dropout, for the trainer and mesh checks.
+TINY = tiny_config(
+    vocab_size=64, num_heads=4, num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.1
 )
 
 

@@ -9,19 +9,12 @@ import jax
 import numpy as np
 import optax
 import pytest
+from _tiny_t5 import tiny_config
 
 from distill_sbs import checkpoints
 from distill_sbs.network import T5Config
 
-SMALL = T5Config(
-    vocab_size=32,
-    emb_dim=8,
-    num_heads=2,
-    head_dim=4,
-    mlp_dim=16,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-)
+SMALL = tiny_config()
 
 
 def _params(seed):

@@ -171,3 +171,19 @@ def test_config_round_trip_for_each_variant():
     }
     config = convert.hf_config_to_t5config(old)
     assert config.mlp_activations == ("gelu", "linear") and not config.logits_via_embedding
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((), "expected one command, hf-to-native or native-to-hf; got []"),
+        (("hf-to-native", "--out", "/tmp/x"), "hf-to-native needs --hf_dir and --out"),
+        (
+            ("native-to-hf", "--hf_dir=/a", "--checkpoint", "/b", "--out=/c"),
+            "native-to-hf reads --checkpoint, not --hf_dir",
+        ),
+    ],
+)
+def test_cli_usage_errors(args, message):
+    r = _cli(*args)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == message

@@ -1,0 +1,55 @@
+"""Shared fixtures: the repository and ../shared paths, a subprocess environment that finds the
+package and the test helpers, and the tiny T5 of tests/_tiny_t5.py.
+
+tests/ is on sys.path through pyproject's `pythonpath`, so test modules import helpers
+(`_tiny_t5`, `_toy_model`, `fakes`) by name; scripts run in a subprocess get `subprocess_env`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+from _tiny_t5 import tiny_config
+
+from distill_sbs.network import T5Config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"  # test data that the repository must not copy (design.md)
+
+
+@pytest.fixture(scope="session")
+def repo_dir() -> pathlib.Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def dss_dir() -> pathlib.Path:
+    """The Distilling Step-by-Step release (cqa/, svamp/); skips the test where it is absent."""
+    path = SHARED / "data" / "dss"
+    if not path.is_dir():
+        pytest.skip(f"the DSS release is not at {path} (../shared/data/dss)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def t5_vocab() -> pathlib.Path:
+    """T5's SentencePiece model; skips the test where it is absent."""
+    path = SHARED / "vocab" / "t5_spiece.model"
+    if not path.is_file():
+        pytest.skip(f"the T5 vocabulary is not at {path} (../shared/vocab)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict[str, str]:
+    """os.environ plus PYTHONPATH (the repository, then tests/) and CPU-only JAX."""
+    paths = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), JAX_PLATFORMS="cpu")
+
+
+@pytest.fixture
+def tiny_t5_config() -> T5Config:
+    """The one-layer tiny T5 1.1 of _tiny_t5.tiny_config() (vocabulary 256)."""
+    return tiny_config()
