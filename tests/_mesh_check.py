@@ -3,7 +3,6 @@ on the fully sharded rules, must equal the same step on one device. Prints MAXDI
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
@@ -12,8 +11,6 @@ import optax
 
 from distill_sbs.partitioning import FULLY_SHARDED_RULES, STANDARD_RULES, Partitioner, create_mesh
 from distill_sbs.trainer import Trainer
-
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 def build(kind: str):

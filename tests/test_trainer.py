@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import jax
 import numpy as np
 import optax
+from _toy_model import ToyModel, toy_batch
 
 from distill_sbs.partitioning import create_partitioner
 from distill_sbs.trainer import Trainer
-
-sys.path.insert(0, os.path.dirname(__file__))
-from _toy_model import ToyModel, toy_batch  # noqa: E402
 
 
 def _run(num_microbatches: int, steps: int = 3, optimizer=None, same_batch=False):
