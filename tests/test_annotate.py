@@ -33,21 +33,13 @@ def _env() -> dict[str, str]:
 def checkpoint(tmp_path_factory):
     import jax
     import seqio
+    from _tiny_t5 import tiny_config
 
     from distill_sbs.checkpoints import save_native
     from distill_sbs.data.vocab import ARITH_SPM
     from distill_sbs.models import EncoderDecoderModel
-    from distill_sbs.network import T5Config
 
-    cfg = T5Config(
-        vocab_size=256,
-        emb_dim=16,
-        num_heads=2,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        head_dim=8,
-        mlp_dim=32,
-    )
+    cfg = tiny_config()
     model = EncoderDecoderModel(cfg, seqio.SentencePieceVocabulary(ARITH_SPM, extra_ids=0))
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
     save_native(path, model.init_params(jax.random.PRNGKey(0)), cfg, ARITH_SPM, extra_ids=0)

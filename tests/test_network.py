@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tiny_t5 import tiny_config
 from test_network_util import (
     VARIANTS,
     hf_logits,
@@ -116,16 +117,7 @@ def test_bfloat16_activations_float32_params_and_logits():
 
 
 def test_dropout_is_random_by_rng_and_off_by_default():
-    cfg = T5Config(
-        vocab_size=64,
-        emb_dim=16,
-        num_heads=2,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        head_dim=8,
-        mlp_dim=32,
-        dropout_rate=0.3,
-    )
+    cfg = tiny_config(vocab_size=64, dropout_rate=0.3)
     model = EncoderDecoderModel(cfg)
     params = model.init_params(jax.random.PRNGKey(0))
     enc = np.array([[5, 6, 7, 1]], np.int32)
@@ -143,17 +135,7 @@ def test_dropout_is_random_by_rng_and_off_by_default():
 
 
 def test_params_logical_axes_cover_every_parameter():
-    model = EncoderDecoderModel(
-        T5Config(
-            vocab_size=64,
-            emb_dim=16,
-            num_heads=2,
-            num_encoder_layers=1,
-            num_decoder_layers=1,
-            head_dim=8,
-            mlp_dim=32,
-        )
-    )
+    model = EncoderDecoderModel(tiny_config(vocab_size=64))
     params = model.init_params(jax.random.PRNGKey(0))
     axes = model.params_logical_axes()
     flat_p = jax.tree_util.tree_flatten_with_path(params)[0]

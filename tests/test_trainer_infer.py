@@ -10,18 +10,9 @@ import sys
 
 import jax
 import pytest
+from _tiny_t5 import tiny_config
 
-from distill_sbs.network import T5Config
-
-TINY = T5Config(
-    vocab_size=256,
-    emb_dim=16,
-    num_heads=2,
-    head_dim=8,
-    mlp_dim=32,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-)
+TINY = tiny_config()
 
 
 @pytest.fixture(scope="module")
