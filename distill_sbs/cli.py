@@ -124,12 +124,17 @@ def _setup_and_call(main: Callable[[], object], argv: Sequence[str]) -> None:
     main()
 
 
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    rest = app.parse_flags_with_usage(rewrite_gin_args(argv))
+    # absl raises an unset --verbosity to INFO, which floods stderr with the libraries' (orbax,
+    # seqio) progress logs; keep warnings and errors only unless the user asks (--verbosity=0).
+    if FLAGS["verbosity"].using_default_value:
+        FLAGS.verbosity = -1
+    return rest
+
+
 def run(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
     """The absl app of an entry point: parses the flags and gin, then calls `main` (a function
     whose arguments gin binds). --help prints the entry point's docstring and the flags."""
     argv = list(sys.argv if argv is None else argv)
-    app.run(
-        lambda args: _setup_and_call(main, args),
-        argv=argv,
-        flags_parser=lambda args: app.parse_flags_with_usage(rewrite_gin_args(args)),
-    )
+    app.run(lambda args: _setup_and_call(main, args), argv=argv, flags_parser=_parse_flags)
