@@ -9,7 +9,6 @@ their ratio, and writes them as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -21,22 +20,24 @@ import numpy as np
 import torch
 import transformers
 from _reference_dss import t5_1_1_small  # benchmarks/ is on sys.path when run as a script
+from absl import app, flags
 
 from distill_sbs import convert
 from distill_sbs.models import EncoderDecoderModel
 
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "decode_benchmark.json", "JSON output path.")
+flags.DEFINE_integer("batch", 8, "Sequences per batch.")
+flags.DEFINE_integer("input_length", 128, "Input tokens per sequence.")
+flags.DEFINE_integer("new_tokens", 32, "Generated tokens per sequence.")
+flags.DEFINE_integer("repeats", 5, "Timed runs per side (the median is reported).")
+flags.DEFINE_integer("torch_threads", 0, "torch intra-op threads (0: torch default).")
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="decode_benchmark.json", help="JSON output path")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--input_length", type=int, default=128)
-    parser.add_argument("--new_tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--torch_threads", type=int, default=0, help="torch intra-op threads (0: torch default)"
-    )
-    args = parser.parse_args()
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    args = FLAGS
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
@@ -126,4 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

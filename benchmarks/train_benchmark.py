@@ -40,7 +40,6 @@ The peak is the best of a float32 2048x2048 matmul in JAX and in PyTorch on the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -48,55 +47,53 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 # ---- configuration before jax / torch are imported (the thread count is fixed at import) ----
+from absl import app, flags  # imports neither jax nor torch
+
+_FLAGS = [
+    flags.DEFINE_enum("mode", "both", ["a", "b", "both"], "Which comparison to run."),
+    flags.DEFINE_integer("steps", 3, "Timed steps per side and mode."),
+    flags.DEFINE_integer("rounds", 3, "Alternate ours/reference in this many blocks."),
+    flags.DEFINE_integer(
+        "threads",
+        1,
+        "CPU cores to pin to, both sides (0: all; oversubscribed cores cripple PyTorch).",
+    ),
+    flags.DEFINE_string("json_out", "", "Write the figures as JSON here."),
+    flags.DEFINE_integer("batch", 8, "Examples per reference step."),
+    flags.DEFINE_integer("input_length", 128, "(a) input tokens."),
+    flags.DEFINE_integer("label_length", 8, "(a) label tokens."),
+    flags.DEFINE_integer("rationale_length", 64, "(a) rationale tokens."),
+    flags.DEFINE_integer("pack_rows", 4, "(b) rows per packed batch."),
+    flags.DEFINE_string("pack_lengths", "256,96", "(b) packed feature lengths 'inputs,targets'."),
+    flags.DEFINE_float("dropout", 0.1, "Dropout rate of both sides."),
+    flags.DEFINE_float("alpha", 0.5, "DSS label weight."),
+    flags.DEFINE_integer("seed", 0, "Seed of the random examples and initialisation."),
+]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--mode", choices=("a", "b", "both"), default="both")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per side and mode")
-    p.add_argument(
-        "--rounds", type=int, default=3, help="alternate ours/reference in this many blocks"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU cores to pin to, both sides (0: all; oversubscribed cores cripple PyTorch)",
-    )
-    p.add_argument("--json_out", default="", help="write the figures as JSON here")
-    p.add_argument("--batch", type=int, default=8, help="examples per reference step")
-    p.add_argument("--input_length", type=int, default=128, help="(a) input tokens")
-    p.add_argument("--label_length", type=int, default=8, help="(a) label tokens")
-    p.add_argument("--rationale_length", type=int, default=64, help="(a) rationale tokens")
-    p.add_argument("--pack_rows", type=int, default=4, help="(b) rows per packed batch")
-    p.add_argument(
-        "--pack_lengths",
-        default="256,96",
-        help="(b) packed feature lengths 'inputs,targets' of our batches",
-    )
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+def parse_args(argv: Sequence[str]) -> SimpleNamespace:
+    """This benchmark's flags as a namespace; bad flags exit with one usage error."""
+    app.define_help_flags()
+    rest = app.parse_flags_with_usage(list(argv))
+    if len(rest) > 1:
+        raise SystemExit(f"unexpected arguments {rest[1:]}")
+    return SimpleNamespace(**{holder.name: holder.value for holder in _FLAGS})
 
 
-ARGS = parse_args() if __name__ == "__main__" else None
+ARGS = parse_args(sys.argv) if __name__ == "__main__" else None
 if ARGS is not None and ARGS.threads:
     # Pin before jax/torch start their thread pools, so both see the same cores.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: ARGS.threads])
 
+import _reference_dss as ref  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _reference_dss as ref  # noqa: E402
 
 from distill_sbs import optimizers, partitioning  # noqa: E402
 from distill_sbs.models import EncoderDecoderModel  # noqa: E402
@@ -173,7 +170,7 @@ def _timed(fn: Callable[[], Any]) -> float:
 class Ours:
     """Our Trainer on the t5_1_1 small shape, fresh state."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: SimpleNamespace) -> None:
         self.config = T5Config(dropout_rate=args.dropout)
         model = EncoderDecoderModel(self.config)
         optimizer, _ = optimizers.create_optimizer("adamw", learning_rate=5e-5, grad_clip_norm=1.0)
@@ -234,7 +231,7 @@ def pack_examples(examples: Sequence[ref.DssExample], input_len: int, target_len
 # ---- data --------------------------------------------------------------------------------------
 
 
-def random_examples(args: argparse.Namespace, rng: np.random.Generator) -> list[ref.DssExample]:
+def random_examples(args: SimpleNamespace, rng: np.random.Generator) -> list[ref.DssExample]:
     def ids(n: int) -> np.ndarray:
         x = rng.integers(2, 32000, n).astype(np.int64)
         x[-1] = 1  # EOS
@@ -269,7 +266,7 @@ def cqa_examples() -> list[ref.DssExample]:
     ]
 
 
-def cqa_packed_batches(args: argparse.Namespace, n: int) -> tuple[list[Batch], float]:
+def cqa_packed_batches(args: SimpleNamespace, n: int) -> tuple[list[Batch], float]:
     """n packed batches from our data layer, and the seconds per batch the pipeline took."""
     import distill_sbs.tasks  # noqa: F401  (registers cqa_dss)
 
@@ -345,7 +342,7 @@ def _alternate(
 
 def run_mode(
     mode: str,
-    args: argparse.Namespace,
+    args: SimpleNamespace,
     peak: float,
     ours_batches: Sequence[Batch],
     ref_batches: Sequence[Sequence[ref.DssExample]],
@@ -395,7 +392,7 @@ def run_mode(
     return out
 
 
-def mode_a(args: argparse.Namespace, peak: float) -> dict[str, Any]:
+def mode_a(args: SimpleNamespace, peak: float) -> dict[str, Any]:
     print(
         f"(a) fixed shapes: {args.batch} examples/step, inputs {args.input_length}, "
         f"label {args.label_length}, rationale {args.rationale_length}"
@@ -412,7 +409,7 @@ def mode_a(args: argparse.Namespace, peak: float) -> dict[str, Any]:
     return run_mode("a", args, peak, ours_batches, ref_batches, warmup)
 
 
-def mode_b(args: argparse.Namespace, peak: float) -> dict[str, Any]:
+def mode_b(args: SimpleNamespace, peak: float) -> dict[str, Any]:
     for env in ("DISTILL_SBS_DATA_DIR", "DISTILL_SBS_VOCAB"):
         if not os.environ.get(env):
             raise SystemExit(f"mode b needs ${env} (see the module docstring)")
@@ -456,7 +453,7 @@ def print_mode(mode: str, out: dict[str, Any]) -> None:
     print(flush=True)
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: SimpleNamespace) -> dict[str, Any]:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     load = os.getloadavg()
     print(
