@@ -5,10 +5,16 @@
 With two objectives, label (w=alpha) and rationale (w=1-alpha), this is the Distilling Step-by-Step
 reference `alpha * label_loss + (1 - alpha) * rationale_loss`, each a token mean as Hugging Face's
 CrossEntropyLoss(ignore_index=-100) computes it. Objectives absent from a batch contribute 0.
+
+`ObjectiveLoss` is the loss's configuration (w_k, label smoothing, z-loss) plus the reading of a
+feature-converted batch (targets, loss weights, objective ids); a model's `loss_fn` applies it to
+its logits, so neither the trainer nor the model repeats the feature names.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -83,6 +89,52 @@ def weighted_objective_loss(
         "z_loss_sum": jnp.sum(z_sum),
     }
     return loss, metrics
+
+
+def objective_ids(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """int [batch, length] objective of each target token; a plain task (no ids) is objective 0."""
+    ids = batch.get("decoder_objective_ids")
+    return jnp.zeros_like(batch["decoder_target_tokens"]) if ids is None else ids
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveLoss:
+    """The training loss's settings: objective weights w_k, label smoothing, z-loss coefficient."""
+
+    weights: Sequence[float] = (1.0,)  # stored as a tuple of floats (hashable, static under jit)
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+    @property
+    def num_objectives(self) -> int:
+        return len(self.weights)
+
+    def token_counts(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """float32 [K]: the batch's per-objective token counts (the loss's denominators)."""
+        return objective_token_counts(
+            batch["decoder_loss_weights"], objective_ids(batch), self.num_objectives
+        )
+
+    def __call__(
+        self,
+        logits: jax.Array,
+        batch: Mapping[str, jax.Array],
+        token_counts: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(loss, metric sums) of `logits` [batch, length, vocab] against the batch's targets."""
+        return weighted_objective_loss(
+            logits,
+            batch["decoder_target_tokens"],
+            batch["decoder_loss_weights"],
+            objective_ids(batch),
+            jnp.asarray(self.weights, jnp.float32),
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            token_counts=token_counts,
+        )
 
 
 def summarize_metrics(

@@ -1,8 +1,12 @@
-"""The public model API: `EncoderDecoderModel` (init, logits, generate, text helpers) and `load`.
+"""The public model API: `EncoderDecoderModel` (init, logits, loss, generate, text helpers), `load`.
 
 model, params = distill_sbs.load(path)   # native checkpoint, MODEL_DIR, step dir or HF T5 folder
 logits = model.logits(params, encoder_input_tokens, decoder_input_tokens)   # f32 [b, l, vocab]
+loss, metrics = model.loss_fn(params, batch, dropout_rng, ObjectiveLoss(weights))  # training loss
 ids = model.generate(params, encoder_input_tokens, max_decode_length=32, method="beam")
+
+`EncoderDecoderModel` satisfies `trainer.TrainableModel`: the trainer sees only init_params,
+params_logical_axes and loss_fn; the batch's feature names are read here and in losses.py.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
@@ -18,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_sbs import decoding
-from distill_sbs.network import EOS_ID, PAD_ID, T5Config, Transformer
+from distill_sbs.losses import ObjectiveLoss
+from distill_sbs.network import EOS_ID, PAD_ID, Packing, T5Config, Transformer
 
 if TYPE_CHECKING:  # seqio pulls in TensorFlow; import it only when a vocabulary is built
     import seqio
@@ -35,7 +41,10 @@ class EncoderDecoderModel:
         self.module = Transformer(config)
         self._generate_jit = jax.jit(
             self._generate_impl,
-            static_argnames=("max_decode_length", "method", "top_k", "num_beams", "use_top_p"),
+            static_argnames=(
+                "max_decode_length", "method", "top_k", "num_beams", "use_top_p",
+                "logprobs_top_k", "step_callback",
+            ),  # fmt: skip
         )
 
     # ---------------------------------------------------------------- parameters
@@ -62,14 +71,14 @@ class EncoderDecoderModel:
         encoder_input_tokens: jax.Array,
         decoder_input_tokens: jax.Array,
         *,
-        encoder_segment_ids: jax.Array | None = None,
-        decoder_segment_ids: jax.Array | None = None,
-        encoder_positions: jax.Array | None = None,
-        decoder_positions: jax.Array | None = None,
+        packing: Packing | None = None,
         enable_dropout: bool = False,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """float32 logits [batch, target_length, vocab] (teacher forcing)."""
+        """float32 logits [batch, target_length, vocab] (teacher forcing).
+
+        packing: segment ids and positions of packed rows (network.Packing); None if unpacked.
+        """
         if enable_dropout and dropout_rng is None:
             raise ValueError("logits(enable_dropout=True) needs dropout_rng")
         rngs = {"dropout": dropout_rng} if enable_dropout else {}
@@ -77,13 +86,33 @@ class EncoderDecoderModel:
             {"params": params},
             encoder_input_tokens,
             decoder_input_tokens,
-            encoder_segment_ids,
-            decoder_segment_ids,
-            encoder_positions,
-            decoder_positions,
+            packing,
             enable_dropout=enable_dropout,
             rngs=rngs,
         )
+
+    def loss_fn(
+        self,
+        params: Any,
+        batch: Mapping[str, jax.Array],
+        dropout_rng: jax.Array | None,
+        loss: ObjectiveLoss,
+        token_counts: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, metric sums) of a feature-converted batch; dropout iff dropout_rng given.
+
+        loss: objective weights, label smoothing, z-loss. token_counts: [K] denominators; the
+        trainer passes the full batch's when `batch` is one microbatch of it (exact accumulation).
+        """
+        logits = self.logits(
+            params,
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            packing=Packing.from_features(batch),
+            enable_dropout=dropout_rng is not None,
+            dropout_rng=dropout_rng,
+        )
+        return loss(logits, batch, token_counts)
 
     # ---------------------------------------------------------------- decoding
 
@@ -100,9 +129,14 @@ class EncoderDecoderModel:
         num_beams: int = 4,
         length_penalty: float = 1.0,
         rng: jax.Array | None = None,
-        encoder_segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
+        logprobs_top_k: int | None = None,
+        step_callback: decoding.StepCallback | None = None,
+    ) -> Any:
         """Token ids int32 [batch, max_decode_length]: EOS included, 0 after it.
+
+        greedy/sample only: logprobs_top_k (not None) returns (ids, token_logprobs, top_ids,
+        top_logprobs) and step_callback streams each step to the host (decoding.sample_decode);
+        a callback is part of the compiled program's key, so pass the same callable each time.
 
         method: "greedy"; "sample" (temperature, top_k > 0 keeps the k best, top_p < 1 keeps
         the nucleus; temperature 0 is greedy); "beam" (num_beams, length_penalty; see
@@ -123,7 +157,6 @@ class EncoderDecoderModel:
         return self._generate_jit(
             params,
             tokens,
-            encoder_segment_ids,
             rng,
             jnp.float32(temperature),
             jnp.float32(top_p),
@@ -133,13 +166,14 @@ class EncoderDecoderModel:
             top_k=int(top_k) if method == "sample" else 0,
             num_beams=int(num_beams) if method == "beam" else 1,
             use_top_p=method == "sample" and top_p < 1.0,
+            logprobs_top_k=logprobs_top_k,
+            step_callback=step_callback,
         )
 
     def _generate_impl(
         self,
         params: Any,
         encoder_input_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None,
         rng: jax.Array,
         temperature: jax.Array,
         top_p: jax.Array,
@@ -150,12 +184,12 @@ class EncoderDecoderModel:
         top_k: int,
         num_beams: int,
         use_top_p: bool,
-    ) -> jax.Array:
+        logprobs_top_k: int | None = None,
+        step_callback: decoding.StepCallback | None = None,
+    ) -> Any:
         batch = encoder_input_tokens.shape[0]
         variables = {"params": params}
-        encoded = self.module.apply(
-            variables, encoder_input_tokens, encoder_segment_ids, method=Transformer.encode
-        )
+        encoded = self.module.apply(variables, encoder_input_tokens, method=Transformer.encode)
         enc_tokens = encoder_input_tokens
         if num_beams > 1:
             # the encoder runs once per batch item; its output is shared by the item's beams
@@ -208,6 +242,8 @@ class EncoderDecoderModel:
             temperature=temperature,
             top_k=top_k,
             top_p=top_p if use_top_p else None,
+            logprobs_top_k=logprobs_top_k,
+            step_callback=step_callback,
         )
 
     # ---------------------------------------------------------------- text

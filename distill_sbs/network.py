@@ -7,15 +7,15 @@ checkpoint (see checkpoints.py) so that a checkpoint directory is self-describin
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import gin
 
 PAD_ID = 0  # also the decoder start token, as in T5
 EOS_ID = 1
@@ -64,6 +64,25 @@ class T5Config:
         if "mlp_activations" in d:
             d["mlp_activations"] = tuple(d["mlp_activations"])
         return cls(**d)
+
+
+@flax.struct.dataclass
+class Packing:
+    """Where packed rows' examples start and end: segment ids (1, 2, ... per example, 0 on padding)
+    and positions (restarting at 0 in each example), int [batch, length], as seqio's packing
+    feature converter writes them. Unpacked batches pass `None` instead."""
+
+    encoder_segment_ids: jax.Array
+    decoder_segment_ids: jax.Array
+    encoder_positions: jax.Array
+    decoder_positions: jax.Array
+
+    @classmethod
+    def from_features(cls, features: Mapping[str, Any]) -> Packing | None:
+        """The packing features of a feature-converted batch, or None when it is not packed."""
+        if "encoder_segment_ids" not in features:
+            return None
+        return cls(**{f.name: features[f.name] for f in dataclasses.fields(cls)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,17 +368,17 @@ class Encoder(nn.Module):
         self,
         embedded: jax.Array,
         tokens: jax.Array,
-        segment_ids: jax.Array | None,
-        positions: jax.Array | None,
+        packing: Packing | None,
         *,
         deterministic: bool,
     ) -> jax.Array:
         cfg = self.config
-        pos = _positions(tokens, positions)
+        pos = _positions(tokens, None if packing is None else packing.encoder_positions)
         bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(pos, pos)
         mask = (tokens > 0)[:, None, None, :]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        if packing is not None:
+            seg = packing.encoder_segment_ids
+            mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
         bias = bias + _mask_to_bias(mask)
         x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
         for i in range(cfg.num_encoder_layers):
@@ -378,9 +397,7 @@ class Decoder(nn.Module):
         encoded: jax.Array,
         encoder_tokens: jax.Array,
         decoder_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None,
-        decoder_segment_ids: jax.Array | None,
-        decoder_positions: jax.Array | None,
+        packing: Packing | None,
         *,
         deterministic: bool,
         decode: bool,
@@ -395,18 +412,17 @@ class Decoder(nn.Module):
             q_pos = jnp.reshape(cache_index, (1, 1)).astype(jnp.int32)
             self_bias = relpos(q_pos, k_pos) + _mask_to_bias(k_pos[:, None, None, :] <= cache_index)
         else:
-            pos = _positions(decoder_tokens, decoder_positions)
+            pos = _positions(decoder_tokens, None if packing is None else packing.decoder_positions)
             length = decoder_tokens.shape[1]
             causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
-            if decoder_segment_ids is not None:
-                seg = decoder_segment_ids
+            if packing is not None:
+                seg = packing.decoder_segment_ids
                 causal = causal & (seg[:, None, :, None] == seg[:, None, None, :])
             self_bias = relpos(pos, pos) + _mask_to_bias(causal)
         cross_mask = (encoder_tokens > 0)[:, None, None, :]
-        if decoder_segment_ids is not None and encoder_segment_ids is not None:
-            cross_mask = cross_mask & (
-                decoder_segment_ids[:, None, :, None] == encoder_segment_ids[:, None, None, :]
-            )
+        if packing is not None:
+            dec_seg, enc_seg = packing.decoder_segment_ids, packing.encoder_segment_ids
+            cross_mask = cross_mask & (dec_seg[:, None, :, None] == enc_seg[:, None, None, :])
         cross_bias = _mask_to_bias(cross_mask)
         x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
         for i in range(cfg.num_decoder_layers):
@@ -461,16 +477,14 @@ class Transformer(nn.Module):
     def encode(
         self,
         encoder_input_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None = None,
-        encoder_positions: jax.Array | None = None,
+        packing: Packing | None = None,
         *,
         enable_dropout: bool = False,
     ) -> jax.Array:
         return self.encoder(
             self._embed(encoder_input_tokens),
             encoder_input_tokens,
-            encoder_segment_ids,
-            encoder_positions,
+            packing,
             deterministic=not enable_dropout,
         )
 
@@ -479,9 +493,7 @@ class Transformer(nn.Module):
         encoded: jax.Array,
         encoder_input_tokens: jax.Array,
         decoder_input_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None = None,
-        decoder_segment_ids: jax.Array | None = None,
-        decoder_positions: jax.Array | None = None,
+        packing: Packing | None = None,
         *,
         enable_dropout: bool = False,
         decode: bool = False,
@@ -500,9 +512,7 @@ class Transformer(nn.Module):
             encoded,
             encoder_input_tokens,
             decoder_input_tokens,
-            encoder_segment_ids,
-            decoder_segment_ids,
-            decoder_positions,
+            packing,
             deterministic=not enable_dropout,
             decode=decode,
             cache_index=cache_index,
@@ -520,25 +530,15 @@ class Transformer(nn.Module):
         self,
         encoder_input_tokens: jax.Array,
         decoder_input_tokens: jax.Array,
-        encoder_segment_ids: jax.Array | None = None,
-        decoder_segment_ids: jax.Array | None = None,
-        encoder_positions: jax.Array | None = None,
-        decoder_positions: jax.Array | None = None,
+        packing: Packing | None = None,
         *,
         enable_dropout: bool = False,
     ) -> jax.Array:
-        encoded = self.encode(
-            encoder_input_tokens,
-            encoder_segment_ids,
-            encoder_positions,
-            enable_dropout=enable_dropout,
-        )
+        encoded = self.encode(encoder_input_tokens, packing, enable_dropout=enable_dropout)
         return self.decode(
             encoded,
             encoder_input_tokens,
             decoder_input_tokens,
-            encoder_segment_ids,
-            decoder_segment_ids,
-            decoder_positions,
+            packing,
             enable_dropout=enable_dropout,
         )

@@ -3,6 +3,11 @@
 Parameters carry *logical* axis names (`EncoderDecoderModel.params_logical_axes()`); the rules below
 map them onto the two mesh axes `data` and `model`. Everything sharded in the trainer goes through
 `Partitioner`, so scaling from one CPU to a TPU pod only changes the mesh sizes and the rules.
+
+Optimizer state gets its axes the way MaxText does it: parameters boxed with their logical names
+(`box_logical_axes`) go through `jax.eval_shape(optimizer.init, ...)`, whose tree maps keep the
+boxes on every parameter-shaped moment; `logical_specs` reads them back, in one pass over the
+whole train state.
 """
 
 from __future__ import annotations
@@ -14,11 +19,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-import gin
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -117,38 +121,6 @@ class Partitioner:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
 
-    def opt_state_shardings(
-        self, abstract_opt_state: Any, params: Any, params_shardings: Any
-    ) -> Any:
-        """Optimizer state shardings mirroring the parameters.
-
-        Leaves of the optax state that sit in a sub-tree shaped like `params` (Adam moments, etc.)
-        take the sharding of the parameter at the same path when their shape matches; factored
-        Adafactor statistics (shape differs) and counters are replicated.
-        """
-        param_paths = {
-            _path_key(path): (leaf.shape, sh)
-            for (path, leaf), sh in zip(
-                jax.tree_util.tree_leaves_with_path(params),
-                jax.tree_util.tree_leaves(params_shardings),
-                strict=True,
-            )
-        }
-
-        def pick(path: Any, leaf: Any) -> NamedSharding:
-            key = _path_key(path)
-            # An optax state path ends with the parameter path; try the longest suffix first.
-            for start in range(len(key)):
-                hit = param_paths.get(key[start:])
-                if hit is not None:
-                    shape, sharding = hit
-                    if tuple(leaf.shape) == tuple(shape):
-                        return sharding
-                    break
-            return self.replicated()
-
-        return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
-
     def batch_sharding(self) -> NamedSharding:
         """Batches: leading (batch) dimension on the data axis."""
         return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
@@ -166,18 +138,43 @@ class Partitioner:
         }
 
 
-def _path_key(path: Any) -> tuple[str, ...]:
-    out = []
-    for p in path:
-        if isinstance(p, jax.tree_util.DictKey):
-            out.append(str(p.key))
-        elif isinstance(p, jax.tree_util.GetAttrKey):
-            out.append(p.name)
-        elif isinstance(p, jax.tree_util.SequenceKey):
-            out.append(str(p.idx))
-        else:
-            out.append(str(p))
-    return tuple(out)
+def box_logical_axes(abstract_params: Any, params_logical_axes: Any) -> Any:
+    """`abstract_params` with each leaf boxed (nn.LogicallyPartitioned) in its logical names."""
+    return jax.tree.map(
+        lambda leaf, spec: nn.LogicallyPartitioned(leaf, tuple(spec)),
+        abstract_params,
+        params_logical_axes,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def logical_specs(boxed_tree: Any) -> Any:
+    """Tree of logical PartitionSpecs for the unboxed `boxed_tree` (e.g. a whole train state).
+
+    A leaf inside a box takes the box's names when its rank matches them (parameters, Adam moments,
+    momentum); a dimension of size 1 (Adafactor's placeholders of shape [1]) is never split. A leaf
+    of another rank (Adafactor's factored row/column statistics, one dimension short of their
+    parameter) and a leaf outside any box (step counters, schedules' state) are replicated: they
+    are small (one row or column of a parameter), so splitting them would save little memory.
+    """
+
+    def box_specs(box: nn.LogicallyPartitioned) -> Any:
+        names = tuple(box.names)
+
+        def spec(leaf: Any) -> PartitionSpec:
+            if len(leaf.shape) != len(names):
+                return PartitionSpec()
+            sizes = leaf.shape
+            return PartitionSpec(*(n if d > 1 else None for n, d in zip(names, sizes, strict=True)))
+
+        return jax.tree.map(spec, box.value)
+
+    def any_spec(x: Any) -> Any:
+        return box_specs(x) if isinstance(x, nn.LogicallyPartitioned) else PartitionSpec()
+
+    return jax.tree.map(
+        any_spec, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )
 
 
 def host_shard_info() -> tuple[int, int]:

@@ -1,5 +1,5 @@
-"""A toy encoder-decoder with the EncoderDecoderModel interface the trainer uses (init_params,
-params_logical_axes, logits), for testing trainer mechanics independently of network.py."""
+"""A toy encoder-decoder satisfying trainer.TrainableModel (init_params, params_logical_axes,
+loss_fn), for testing trainer mechanics independently of network.py."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ class ToyModel:
             h = h * jax.random.bernoulli(dropout_rng, 0.9, h.shape) / 0.9
         h = jax.nn.gelu(h @ params["mlp"]["wi"])
         return h @ params["out"]["kernel"]
+
+    def loss_fn(self, params, batch, dropout_rng, loss, token_counts=None):
+        logits = self.logits(
+            params, batch["encoder_input_tokens"], batch["decoder_input_tokens"], dropout_rng
+        )
+        return loss(logits, batch, token_counts)
 
 
 def toy_batch(seed: int = 0, batch: int = 8, inp: int = 6, tgt: int = 5, vocab: int = 32):

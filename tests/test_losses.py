@@ -136,9 +136,9 @@ def test_loss_and_grads_equal_hf_dss_reference():
     import jax
 
     from distill_sbs.convert import params_to_hf_state_dict
+    from distill_sbs.losses import ObjectiveLoss
     from distill_sbs.models import EncoderDecoderModel
     from distill_sbs.network import T5Config
-    from distill_sbs.trainer import batch_loss
 
     config = T5Config(
         vocab_size=48,
@@ -167,7 +167,10 @@ def test_loss_and_grads_equal_hf_dss_reference():
         "decoder_loss_weights": (targets > 0).astype(np.float32),
         "decoder_objective_ids": np.repeat([[0], [0], [0], [1], [1], [1]], tl, axis=1),
     }
-    loss_fn = lambda p: batch_loss(model, p, batch, np.array([alpha, 1 - alpha]))[0]  # noqa: E731
+
+    def loss_fn(p):
+        return model.loss_fn(p, batch, None, ObjectiveLoss((alpha, 1 - alpha)))[0]
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     ours = params_to_hf_state_dict(jax.device_get(grads), config)

@@ -17,7 +17,7 @@ from test_network_util import (
 
 from distill_sbs import convert
 from distill_sbs.models import EncoderDecoderModel
-from distill_sbs.network import T5Config, relative_position_bucket
+from distill_sbs.network import Packing, T5Config, relative_position_bucket
 
 
 def _ours(hf_model, **overrides):
@@ -84,10 +84,7 @@ def test_packed_equals_each_segment_alone(variant):
             params,
             enc,
             dec,
-            encoder_segment_ids=enc_seg,
-            decoder_segment_ids=dec_seg,
-            encoder_positions=enc_pos,
-            decoder_positions=dec_pos,
+            packing=Packing(enc_seg, dec_seg, enc_pos, dec_pos),
         )
     )
     start = 0

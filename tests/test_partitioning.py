@@ -15,8 +15,9 @@ from distill_sbs.partitioning import (
     FULLY_SHARDED_RULES,
     STANDARD_RULES,
     Partitioner,
+    box_logical_axes,
     create_mesh,
-    create_partitioner,
+    logical_specs,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,19 +45,33 @@ def test_mesh_size_errors_name_the_setting():
         create_mesh(num_partitions=1, num_data_partitions=4, devices=jax.devices()[:1])
 
 
+def _opt_state_specs(tx):
+    params = {"w": np.zeros((4, 6), np.float32), "b": np.zeros((6,), np.float32)}
+    logical = {"w": P("embed", "mlp"), "b": P("mlp")}
+    boxed = box_logical_axes(jax.eval_shape(lambda: params), logical)
+    return logical_specs(jax.eval_shape(tx.init, boxed))
+
+
 def test_opt_state_mirrors_params():
     import optax
 
-    mesh = create_mesh()
-    part = create_partitioner()
-    params = {"w": np.zeros((4, 6), np.float32), "b": np.zeros((6,), np.float32)}
-    logical = {"w": P("embed", "mlp"), "b": P("mlp")}
-    psh = part.params_shardings(logical)
-    opt = jax.eval_shape(optax.adamw(1e-3).init, params)
-    osh = part.opt_state_shardings(opt, params, psh)
-    assert osh[0].mu["w"] == psh["w"] and osh[0].nu["b"] == psh["b"]
-    assert osh[0].count.spec == P()
-    del mesh
+    specs = _opt_state_specs(optax.adamw(1e-3))
+    assert specs[0].mu == specs[0].nu == {"w": P("embed", "mlp"), "b": P("mlp")}
+    assert specs[0].count == P()
+    momentum = _opt_state_specs(optax.sgd(0.1, momentum=0.9))
+    assert momentum[0].trace == {"w": P("embed", "mlp"), "b": P("mlp")}
+    assert _opt_state_specs(optax.sgd(0.1)) == (optax.EmptyState(), optax.EmptyState())
+
+
+def test_factored_adafactor_statistics_are_replicated():
+    import optax
+
+    state = _opt_state_specs(optax.adafactor(1e-3, min_dim_size_to_factor=2))[0]
+    # "w" [4, 6] is factored: its row/column statistics ([6], [4]) and placeholder [1] are
+    # replicated; "b" [6] is not: its second moment keeps "mlp", its [1] placeholders are unsplit.
+    assert state.v_row["w"] == state.v_col["w"] == state.v["w"] == P()
+    assert state.v["b"] == P("mlp")
+    assert state.v_row["b"] == state.v_col["b"] == P(None)
 
 
 def _subprocess_mesh_check(*checks: str) -> dict[str, float]:
@@ -79,11 +94,13 @@ def _subprocess_mesh_check(*checks: str) -> dict[str, float]:
 def test_sharded_step_equals_single_device():
     # Toy model on 2x4, fully sharded 2x4 and 8x1 meshes; tiny T5 (with dropout) on 2x4. Each:
     # two AdamW steps with 2 microbatches; losses and parameters vs the same on one device.
-    diffs = _subprocess_mesh_check("toy:full", "t5:quick")
-    assert set(diffs) == {"toy", "t5"} and max(diffs.values()) < 1e-5, diffs
+    # The toy model with factored Adafactor on the three meshes. Every run also checks each
+    # optimizer-state leaf's sharding against an oracle (_mesh_check.check_opt_state_shardings).
+    diffs = _subprocess_mesh_check("toy:full", "t5:quick", "toy:full:adafactor")
+    assert set(diffs) == {"toy", "t5", "toy-adafactor"} and max(diffs.values()) < 1e-5, diffs
 
 
 @pytest.mark.slow
 def test_sharded_step_equals_single_device_t5_all_meshes():
-    diffs = _subprocess_mesh_check("t5:full")
-    assert diffs["t5"] < 1e-5, diffs
+    diffs = _subprocess_mesh_check("t5:full", "t5:full:adafactor")
+    assert diffs["t5"] < 1e-5 and diffs["t5-adafactor"] < 1e-5, diffs

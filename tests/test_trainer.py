@@ -58,5 +58,5 @@ class _NoDropout:
     def __getattr__(self, k):
         return getattr(self.m, k)
 
-    def logits(self, *a, dropout_rng=None, **kw):
-        return self.m.logits(*a, dropout_rng=None, **kw)
+    def loss_fn(self, params, batch, dropout_rng, *a, **kw):
+        return self.m.loss_fn(params, batch, None, *a, **kw)

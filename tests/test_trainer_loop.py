@@ -97,7 +97,7 @@ def _test_token_accuracy(model, params):
     import numpy as np
 
     from distill_sbs import data
-    from distill_sbs.trainer import batch_loss
+    from distill_sbs.losses import ObjectiveLoss
 
     ds = data.get_dataset(
         "arith_dss",
@@ -108,7 +108,7 @@ def _test_token_accuracy(model, params):
         pack=False,
         repeat=False,
     )
-    metrics = jax.jit(lambda p, b: batch_loss(model, p, b, np.array([0.5, 0.5]))[1])
+    metrics = jax.jit(lambda p, b: model.loss_fn(p, b, None, ObjectiveLoss((0.5, 0.5)))[1])
     correct, tokens = np.zeros(2), np.zeros(2)
     counts = [collections.Counter(), collections.Counter()]
     for b in ds.as_numpy_iterator():
