@@ -65,13 +65,10 @@ def test_gin_typo_is_one_clear_error():
     ],
     ids=["missing-file", "typo", "quickstart-to-train"],
 )
-def test_launcher_errors_are_one_line(tmp_path, args, message):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+def test_launcher_errors_are_one_line(tmp_path, subprocess_env, args, message):
     out = subprocess.run(
         [sys.executable, "-m", "distill_sbs.train", *args],
-        env=env,
+        env=subprocess_env,
         cwd=str(tmp_path),
         capture_output=True,
         text=True,

@@ -4,7 +4,6 @@ random checkpoint (arithmetic vocabulary)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -86,10 +85,7 @@ def test_eval_and_task_infer(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("entry", ["eval", "infer"])
-def test_launchers(checkpoint, tmp_path, entry):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+def test_launchers(checkpoint, tmp_path, subprocess_env, entry):
     common = [
         f"--gin.CHECKPOINT_PATH='{checkpoint}'",
         "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
@@ -109,7 +105,7 @@ def test_launchers(checkpoint, tmp_path, entry):
         expect = f"wrote 200 predictions to {tmp_path / 'p.jsonl'}"
     out = subprocess.run(
         [sys.executable, "-m", f"distill_sbs.{entry}", *args, *common],
-        env=env,
+        env=subprocess_env,
         cwd=str(tmp_path),
         capture_output=True,
         text=True,
