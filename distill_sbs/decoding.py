@@ -25,10 +25,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import io_callback
 
 from distill_sbs.network import EOS_ID, PAD_ID
 
 StepFn = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+# step_callback(index, tokens int32 [n], token_logprobs f32 [n], top_ids int32 [n, k],
+# top_logprobs f32 [n, k], done bool [n]) -> keep bool [n]: runs on the host after each decoding
+# step (done: rows that had ended before, or wrote EOS now; their token is 0 or EOS).
+StepCallback = Callable[..., Any]
 _NEG = -1.0e9  # HF's "impossible" score
 
 
@@ -49,6 +54,28 @@ def _filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | None) -> ja
     return logits
 
 
+def _step_logprobs(
+    logits: jax.Array, chosen: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One step's (chosen f32 [n], top-k ids int32 [n, k], top-k f32 [n, k]) log-probabilities."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen_lp = jnp.take_along_axis(logp, chosen[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(logp, k)
+    return chosen_lp, top_ids.astype(jnp.int32), top_lp
+
+
+def _call_host(
+    callback: StepCallback,
+    i: jax.Array,
+    tokens: jax.Array,
+    logprobs: tuple[jax.Array, jax.Array, jax.Array],
+    done: jax.Array,
+) -> jax.Array:
+    """bool [n]: `callback(i, tokens, *logprobs, done)` run on the host, in step order."""
+    result = jax.ShapeDtypeStruct(done.shape, jnp.bool_)
+    return io_callback(callback, result, i, tokens, *logprobs, done, ordered=True)
+
+
 def sample_decode(
     step_fn: StepFn,
     cache: Any,
@@ -60,19 +87,32 @@ def sample_decode(
     temperature: jax.Array | float = 1.0,
     top_k: int = 0,
     top_p: jax.Array | float | None = None,
-) -> jax.Array:
-    """Greedy (greedy=True) or ancestral sampling; int32 [batch, max_decode_length]."""
+    logprobs_top_k: int | None = None,
+    step_callback: StepCallback | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Greedy (greedy=True) or ancestral sampling; int32 [batch, max_decode_length].
+
+    logprobs_top_k (None: off): also return the log-probabilities of the model's distribution
+    (log_softmax of the raw logits, before temperature and filtering) as
+    (tokens, token_logprobs f32 [b, L], top_ids int32 [b, L, k], top_logprobs f32 [b, L, k]),
+    k = max(logprobs_top_k, 1). step_callback: called on the host after each step (see
+    StepCallback); rows it answers False for stop after this step's token (0 after it), so
+    that a server can stream tokens and drop rows whose client left without ending the batch.
+    """
     if not greedy and rng is None:
         raise ValueError("sampling needs an rng")
     if rng is None:
         rng = jax.random.PRNGKey(0)
 
+    k = max(logprobs_top_k or 0, 1)
+    want_logprobs = logprobs_top_k is not None or step_callback is not None
+
     def cond(state):
-        i, _, _, done, _, _ = state
+        i, _, _, done, *_ = state
         return (i < max_decode_length) & ~jnp.all(done)
 
     def body(state):
-        i, tokens, cur, done, cache, rng = state
+        i, tokens, cur, done, cache, rng, lp = state
         logits, cache = step_fn(cur[:, None], cache, i)
         if greedy:
             nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -82,17 +122,36 @@ def sample_decode(
             nxt = jax.random.categorical(sub, filtered, axis=-1).astype(jnp.int32)
         nxt = jnp.where(done, PAD_ID, nxt)
         tokens = tokens.at[:, i].set(nxt)
-        return i + 1, tokens, nxt, done | (nxt == EOS_ID), cache, rng
+        if want_logprobs:
+            step_lp = _step_logprobs(logits, nxt, k)
+            lp = tuple(acc.at[:, i].set(x) for acc, x in zip(lp, step_lp, strict=True))
+        done = done | (nxt == EOS_ID)
+        if step_callback is not None:
+            keep = _call_host(step_callback, i, nxt, tuple(x[:, i] for x in lp), done)
+            done = done | ~keep  # the row keeps this step's token and writes 0 after it
+        return i + 1, tokens, nxt, done, cache, rng, lp
 
+    b, length = batch_size, max_decode_length
+    lp0 = ()
+    if want_logprobs:  # per position: the chosen token's, top-k ids, top-k log-probabilities
+        lp0 = (
+            jnp.zeros((b, length), jnp.float32),
+            jnp.zeros((b, length, k), jnp.int32),
+            jnp.zeros((b, length, k), jnp.float32),
+        )
     state = (
         jnp.zeros((), jnp.int32),
-        jnp.zeros((batch_size, max_decode_length), jnp.int32),
-        jnp.full((batch_size,), PAD_ID, jnp.int32),
-        jnp.zeros((batch_size,), bool),
+        jnp.zeros((b, length), jnp.int32),
+        jnp.full((b,), PAD_ID, jnp.int32),
+        jnp.zeros((b,), bool),
         cache,
         rng,
+        lp0,
     )
-    return jax.lax.while_loop(cond, body, state)[1]
+    out = jax.lax.while_loop(cond, body, state)
+    if logprobs_top_k is None:
+        return out[1]
+    return (out[1], *out[6])
 
 
 def _gather(x: jax.Array, idx: jax.Array) -> jax.Array:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,21 +45,115 @@ def apply_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+TOP_LOGPROBS_MAX = 20  # the most alternatives per token a caller can ask for (OpenAI's bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """One generated token: its text piece, log-probability and the best alternatives."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # (piece, logprob), most likely first
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneratedText:
     text: str
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # tokens of `text`: after a stop string, those it kept
+    finish_reason: str = "length"  # "stop" (EOS or a stop string) or "length"
+    tokens: tuple[Token, ...] = ()  # with logprobs=True: the tokens of `text`
+
+
+# on_token(row, text delta, token) -> keep going: called as each row's token is decoded; the
+# deltas of a row join to its final text (a tail that may start a stop string is held back).
+OnToken = Callable[[int, str, Token], bool]
 
 
 class Generator(Protocol):
-    """Anything that turns a batch of prompts into texts with one set of decoding parameters."""
+    """Anything that turns a batch of prompts into texts with one set of decoding parameters.
+
+    logprobs: fill GeneratedText.tokens (with TOP_LOGPROBS_MAX alternatives). on_token: stream
+    each token as it is decoded; answering False stops that row (a client that went away).
+    """
 
     max_batch_size: int
 
     def generate(
-        self, prompts: Sequence[str], params: GenerationParams, seed: int = 0
+        self,
+        prompts: Sequence[str],
+        params: GenerationParams,
+        seed: int = 0,
+        *,
+        logprobs: bool = False,
+        on_token: OnToken | None = None,
     ) -> list[GeneratedText]: ...
+
+
+def _held_back(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class TextTracker:
+    """One row's text as its tokens arrive: stop strings, streamed deltas, kept-token count.
+
+    `decode(ids)` is the text of a token prefix; the tracker re-decodes the prefix at each token
+    (a piece's text can depend on its neighbours) and emits only what can no longer change.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str]):
+        self.decode, self.stop = decode, tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.tokens: list[Token] = []
+        self.sent = ""  # text already emitted
+        self.text = ""
+        self.stopped = False  # a stop string was found (the row is over)
+
+    def add(self, token_id: int, token: Token) -> str:
+        """Adds one token; returns the new text that can be emitted ("" if none)."""
+        self.ids.append(token_id)
+        self.tokens.append(token)
+        full = self.decode(self.ids)
+        self.text = apply_stop(full, self.stop)
+        if len(self.text) < len(full):
+            self.stopped = True
+            safe = self.text
+        else:
+            safe = full[: len(full) - _held_back(full, self.stop)]
+        if not safe.startswith(self.sent):
+            return ""  # re-decoding changed emitted text; wait until it agrees again
+        delta, self.sent = safe[len(self.sent) :], safe
+        return delta
+
+    def set_all(self, ids: list[int], tokens: list[Token]) -> None:
+        """The whole row at once (not streamed): one decode, and more only if a stop string cut."""
+        self.ids, self.tokens = ids, tokens
+        full = self.decode(ids)
+        self.text = apply_stop(full, self.stop)
+        self.stopped = len(self.text) < len(full)
+
+    def flush(self) -> str:
+        """The rest of the final text (at the end of the row)."""
+        delta = self.text[len(self.sent) :] if self.text.startswith(self.sent) else ""
+        self.sent = self.text
+        return delta
+
+    def kept_tokens(self) -> int:
+        """Tokens that produced returned text: all of them unless a stop string cut the text."""
+        if not self.stopped:
+            return len(self.ids)
+        for j in range(len(self.ids) + 1):
+            if len(self.decode(self.ids[:j])) >= len(self.text):
+                return j
+        return len(self.ids)
 
 
 def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
@@ -88,6 +182,8 @@ class ModelGenerator:
         self.max_batch_size = max_batch_size
         self.max_decode_length = max_decode_length
         self._lock = threading.Lock()  # one generate at a time (the device is shared)
+        self._streaming: Any = None  # (on_token, trackers, max_tokens) of the running stream
+        self._step_callback = self._on_step  # the same bound method each call: one jit key
 
     def warmup(self, max_tokens: int) -> int:
         """Compiles greedy decoding for every (rows, input length) bucket; returns the count.
@@ -122,16 +218,22 @@ class ModelGenerator:
         return cls(model, params, **kwargs)
 
     def generate(
-        self, prompts: Sequence[str], params: GenerationParams, seed: int = 0
+        self,
+        prompts: Sequence[str],
+        params: GenerationParams,
+        seed: int = 0,
+        *,
+        logprobs: bool = False,
+        on_token: OnToken | None = None,
     ) -> list[GeneratedText]:
-        import jax
-
         if not prompts:
             return []
         if len(prompts) > self.max_batch_size:
             out: list[GeneratedText] = []
             for i in range(0, len(prompts), self.max_batch_size):
-                out += self.generate(prompts[i : i + self.max_batch_size], params, seed + i)
+                chunk = prompts[i : i + self.max_batch_size]
+                cb = on_token and (lambda r, d, t, i=i: on_token(r + i, d, t))
+                out += self.generate(chunk, params, seed + i, logprobs=logprobs, on_token=cb)
             return out
         # Encode at the longest bucket needed, then pad rows and columns to bucketed shapes.
         tokens = np.asarray(self.model.encode_texts(list(prompts), self.max_input_length))
@@ -140,8 +242,25 @@ class ModelGenerator:
         rows = bucket(len(prompts), 1, self.max_batch_size)
         batch = np.zeros((rows, length), np.int32)
         batch[: len(prompts)] = tokens[:, :length]
+        trackers = [TextTracker(self._decode, params.stop) for _ in prompts]
+        with self._lock:
+            ids, lp = self._run(batch, params, seed, logprobs, on_token, trackers)
+        out = []
+        for r, n_prompt in enumerate(prompt_lengths):
+            if on_token is None:  # not streamed: the tracker gets the whole row at once
+                row = ids[r, : params.max_tokens].tolist()
+                row = row[: next((j for j, t in enumerate(row) if t in (0, 1)), len(row))]
+                toks = [self._token(t, lp, r, j) for j, t in enumerate(row)] if lp else []
+                trackers[r].set_all(row, toks)
+            out.append(self._result(trackers[r], int(n_prompt), params, logprobs))
+        return out
+
+    def _run(self, batch, params, seed, logprobs, on_token, trackers):  # noqa: ANN001, ANN202
+        """(ids [rows, decode_length], (token_lp, top_ids, top_lp) as numpy or None)."""
+        import jax
+
         decode_length = bucket(min(params.max_tokens, self.max_decode_length), 16)
-        kwargs: dict[str, Any] = {"max_decode_length": decode_length}
+        kwargs: dict[str, Any] = {"max_decode_length": decode_length, "method": "greedy"}
         if params.temperature > 0:
             kwargs.update(
                 method="sample",
@@ -149,19 +268,66 @@ class ModelGenerator:
                 top_p=params.top_p,
                 rng=jax.random.PRNGKey(seed),
             )
-        else:
-            kwargs["method"] = "greedy"
-        with self._lock:
-            ids = np.asarray(self.model.generate(self.params, batch, **kwargs))
-        ids = ids[: len(prompts), : params.max_tokens]
-        out = []
-        for row, n_prompt in zip(ids, prompt_lengths, strict=True):
-            # Tokens up to and excluding EOS (id 1); padding (0) after it is not generated text.
-            end = np.flatnonzero(row == 1)
-            n = int(end[0]) if end.size else int((row != 0).sum())
-            text = self.model.decode_tokens(row[None, :n])[0] if n else ""
-            out.append(GeneratedText(apply_stop(text, params.stop), int(n_prompt), n))
-        return out
+        if logprobs or on_token is not None:
+            kwargs["logprobs_top_k"] = TOP_LOGPROBS_MAX
+        if on_token is not None:
+            self._streaming = (on_token, trackers, params.max_tokens)
+            kwargs["step_callback"] = self._step_callback  # one callable: one compiled program
+        try:
+            result = self.model.generate(self.params, batch, **kwargs)
+        finally:
+            self._streaming = None
+        if "logprobs_top_k" not in kwargs:
+            return np.asarray(result), None
+        ids, *lp = (np.asarray(x) for x in result)
+        return ids, lp
+
+    def _on_step(self, i, ids, token_lp, top_ids, top_lp, done):  # noqa: ANN001, ANN202
+        """The decoder's host callback while streaming: feeds each live row's tracker."""
+        on_token, trackers, max_tokens = self._streaming
+        ids, token_lp, top_ids, top_lp = (np.asarray(x) for x in (ids, token_lp, top_ids, top_lp))
+        keep = np.zeros(ids.shape, bool)  # padding rows stop at once
+        lp = (token_lp[:, None], top_ids[:, None], top_lp[:, None])
+        for r, tracker in enumerate(trackers):
+            t = int(ids[r])
+            if tracker.stopped or t in (0, 1) or len(tracker.ids) >= max_tokens:
+                continue  # already over, EOS now, or past max_tokens (lengths are bucketed)
+            delta = tracker.add(t, self._token(t, lp, r, 0))
+            go = on_token(r, delta, tracker.tokens[-1])
+            keep[r] = go and not tracker.stopped and len(tracker.ids) < max_tokens
+        return keep
+
+    def _token(self, t: int, lp: Any, r: int, step: int) -> Token:
+        token_lp, top_ids, top_lp = (np.asarray(x) for x in lp)
+        top = tuple(
+            (self._piece(int(a)), float(b))
+            for a, b in zip(top_ids[r, step], top_lp[r, step], strict=True)
+        )
+        return Token(self._piece(t), float(token_lp[r, step]), top)
+
+    def _piece(self, t: int) -> str:
+        """The text of one token as it reads inside a sequence (SentencePiece's "▁" is a space)."""
+        tokenizer = getattr(self.model.vocabulary, "tokenizer", None)
+        if tokenizer is None:
+            return self._decode([t])
+        return tokenizer.id_to_piece(t).replace("\u2581", " ")
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.model.decode_tokens(np.asarray([ids], np.int32))[0] if ids else ""
+
+    @staticmethod
+    def _result(
+        tracker: TextTracker, prompt_tokens: int, params: GenerationParams, logprobs: bool
+    ) -> GeneratedText:
+        n = tracker.kept_tokens()
+        length = not tracker.stopped and n >= params.max_tokens
+        return GeneratedText(
+            tracker.text,
+            prompt_tokens,
+            n,
+            "length" if length else "stop",
+            tuple(tracker.tokens[:n]) if logprobs else (),
+        )
 
 
 def generate_ids(
