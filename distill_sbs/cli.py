@@ -23,7 +23,9 @@ from absl import app, flags
 GIN_DIR = Path(__file__).resolve().parent / "gin"
 
 flags.DEFINE_multi_string("gin_file", None, "gin config file(s); see --gin_search_paths.")
-flags.DEFINE_multi_string("gin_bindings", [], "gin binding(s), e.g. 'TRAIN_STEPS = 100'.")
+flags.DEFINE_multi_string(
+    "gin_bindings", [], "gin binding(s), e.g. 'TRAIN_STEPS = 100'; short: --gin.TRAIN_STEPS=100"
+)
 flags.DEFINE_multi_string(
     "gin_search_paths", [], f"directories searched for gin files (and {GIN_DIR} always)."
 )
@@ -137,4 +139,6 @@ def run(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
     """The absl app of an entry point: parses the flags and gin, then calls `main` (a function
     whose arguments gin binds). --help prints the entry point's docstring and the flags."""
     argv = list(sys.argv if argv is None else argv)
+    for name in ("gin_file", "gin_bindings", "gin_search_paths"):  # listed by the launcher's --help
+        FLAGS.register_key_flag_for_module(argv[0], FLAGS[name])
     app.run(lambda args: _setup_and_call(main, args), argv=argv, flags_parser=_parse_flags)
