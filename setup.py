@@ -30,6 +30,10 @@ setup(
         "numpy",
         "safetensors>=0.4",
         "tensorboard>=2.16",
+        # distill_sbs.serve: ASGI app, HTTP/1.1 server, /metrics
+        "starlette>=0.40",
+        "uvicorn>=0.30",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [
@@ -37,6 +41,7 @@ setup(
             "ruff>=0.6",
             "transformers>=4.44",
             "torch==2.13.0",
+            "openai>=1.40",  # tests/test_serve_openai.py: the official client against serve
         ],
     },
 )
