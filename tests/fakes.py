@@ -223,6 +223,7 @@ class FaultInjectingHandler(CompletionHandler):
                     "count": self.state.count,
                     "requests": list(self.faults.log),
                     "by_status": dict(self.faults.by_status),
+                    "max_in_flight": self.state.max_in_flight,
                 }
             )
 

@@ -41,7 +41,7 @@ def _stats(server):
 @pytest.mark.parametrize("api", ["completions", "chat"])
 def test_faults_are_retried_and_every_request_completes(api):
     plan = "429:retry_after=0.2@1,500@2,malformed@3,slow=1.5@4,503@5,drop@6"
-    with fault_server(FakeGenerator(), plan) as s:
+    with fault_server(FakeGenerator(), plan, model_name="tiny") as s:
         cfg = HTTPConfig(
             s.base_url, "tiny", api=api, max_concurrency=3, timeout=0.5, backoff_base=0.05
         )
@@ -70,7 +70,7 @@ def test_faults_are_retried_and_every_request_completes(api):
 
 def test_retry_after_is_honoured_and_backoff_grows():
     sleeps = []
-    with fault_server(FakeGenerator(), "429:retry_after=7@1,500@2-4") as s:
+    with fault_server(FakeGenerator(), "429:retry_after=7@1,500@2-4", model_name="tiny") as s:
         cfg = HTTPConfig(s.base_url, "tiny", max_concurrency=1, backoff_base=1.0, max_retries=5)
         backend = OpenAIBackend(cfg, sleep=sleeps.append)
         results = _run(backend, _reqs(1))
@@ -82,7 +82,7 @@ def test_retry_after_is_honoured_and_backoff_grows():
 
 
 def test_gives_up_after_max_retries_and_on_client_errors():
-    with fault_server(FakeGenerator(), "500@1-3") as s:
+    with fault_server(FakeGenerator(), "500@1-3", model_name="tiny") as s:
         backend = OpenAIBackend(
             HTTPConfig(s.base_url, "tiny", max_retries=2, max_concurrency=1), sleep=lambda _: None
         )
@@ -98,14 +98,15 @@ def test_gives_up_after_max_retries_and_on_client_errors():
 
 
 def test_concurrency_limit_holds():
-    with Server(FakeGenerator(delay=0.05, max_batch_size=1), batch_window_ms=0) as s:
+    gen = FakeGenerator(delay=0.05, max_batch_size=1)
+    with fault_server(gen, None, batch_window_ms=0, model_name="tiny") as s:
         backend = OpenAIBackend(HTTPConfig(s.base_url, "tiny", max_concurrency=2))
         _run(backend, _reqs(8))
         assert _stats(s)["max_in_flight"] == 2
 
 
 def test_requests_per_minute_limit():
-    with Server(FakeGenerator()) as s:
+    with Server(FakeGenerator(), model_name="tiny") as s:
         backend = OpenAIBackend(
             HTTPConfig(s.base_url, "tiny", max_concurrency=4, requests_per_minute=600)
         )
@@ -134,7 +135,7 @@ def test_api_key_from_env_is_sent_and_never_leaks(monkeypatch, caplog):
     secret = "sk-unit-7f3a9c1e5b"
     monkeypatch.setenv("TEACHER_KEY", secret)
     caplog.set_level(logging.DEBUG)
-    with fault_server(FakeGenerator(), "500@1", api_key=secret) as s:
+    with fault_server(FakeGenerator(), "500@1", api_key=secret, model_name="tiny") as s:
         backend = OpenAIBackend(
             HTTPConfig(s.base_url, "tiny", api_key_env="TEACHER_KEY"), sleep=lambda _: None
         )
@@ -150,3 +151,53 @@ def test_api_key_from_env_is_sent_and_never_leaks(monkeypatch, caplog):
     with pytest.raises(ValueError, match="TEACHER_KEY") as e:
         OpenAIBackend(HTTPConfig("http://127.0.0.1:1/v1", "m", api_key_env="TEACHER_KEY"))
     assert "is not set" in str(e.value)
+
+
+def test_retry_after_and_total_backoff_are_capped():
+    sleeps = []
+    with fault_server(FakeGenerator(), "429:retry_after=86400@1-9", model_name="tiny") as s:
+        cfg = HTTPConfig(s.base_url, "tiny", max_retries=8, retry_after_max=30,
+                         max_total_backoff=100)  # fmt: skip
+        res = _run(OpenAIBackend(cfg, sleep=sleeps.append), _reqs(1))
+    assert sleeps == [30, 30, 30]  # a day's Retry-After waits 30 s; a 4th wait would pass 100 s
+    assert isinstance(res["k0"], RequestFailed) and "max_total_backoff" in str(res["k0"])
+
+
+def test_timeout_bounds_the_whole_answer_not_each_read():
+    """A server that answers at once but drips its body for 5 s: given up after --timeout."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        body = b'{"choices": [{"text": "' + b"x" * 50 + b'"}]}'
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(len(body)):
+            try:
+                conn.sendall(body[i : i + 1])
+            except OSError:
+                break
+            time.sleep(0.1)
+        conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+    backend = OpenAIBackend(HTTPConfig(url, "m", timeout=1.0, max_retries=0))
+    t0 = time.monotonic()
+    res = _run(backend, _reqs(1))
+    assert time.monotonic() - t0 < 2.5
+    assert isinstance(res["k0"], RequestFailed) and "no full answer within 1.0s" in str(res["k0"])
+    listener.close()
+
+
+def test_a_key_echoed_in_a_completion_is_redacted(monkeypatch):
+    secret = "sk-echo-1a2b3c4d5e"
+    monkeypatch.setenv("TEACHER_KEY", secret)
+    gen = FakeGenerator(respond=lambda p, params, seed: f"your key is {secret} ok")
+    with Server(gen, api_key=secret, model_name="tiny") as s:
+        backend = OpenAIBackend(HTTPConfig(s.base_url, "tiny", api_key_env="TEACHER_KEY"))
+        res = _run(backend, _reqs(1))
+    assert res["k0"].text == "your key is *** ok"

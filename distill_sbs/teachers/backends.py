@@ -6,9 +6,12 @@ can write every finished request to its cache before the next one ends (see cach
 
 HTTP: a thread pool bounds concurrency (`max_concurrency`), a shared limiter spaces requests
 (`requests_per_minute`), and each request is retried with exponential backoff and jitter on 429,
-5xx, timeouts, connection errors and malformed bodies; `Retry-After` on 429/503 is honoured.
-The API key is read from the environment variable *named* in the config and is never logged,
-stored or put in an exception message (any text echoed back by a server is redacted).
+5xx, timeouts, connection errors and malformed bodies; `Retry-After` on 429/503 is honoured up to
+`retry_after_max`, and a request gives up once its waits would pass `max_total_backoff`.
+`timeout` bounds a whole attempt (connect, headers and the body however slowly it drips), not
+each read. The API key is read from the environment variable *named* in the config and is never
+logged, stored or put in an exception message: any text a server returns, error or completion,
+is redacted before anything sees it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import requests
+import urllib3
 
 from distill_sbs.generation import GenerationParams, apply_stop
 
@@ -151,6 +155,9 @@ class HTTPConfig:
     max_retries: int = 5
     backoff_base: float = 1.0  # first retry waits about this long, doubling up to backoff_max
     backoff_max: float = 60.0
+    retry_after_max: float = 60.0  # a server's Retry-After is obeyed up to this many seconds
+    max_total_backoff: float = 600.0  # a request gives up rather than wait longer in all
+    max_response_bytes: int = 16 << 20
 
     def __post_init__(self):
         if self.api not in ("completions", "chat"):
@@ -220,27 +227,44 @@ class OpenAIBackend:
             body["prompt"] = req.prompt
         return body
 
-    def _attempt(self, req: TeacherRequest) -> Completion:
+    def _read(self, req: TeacherRequest) -> tuple[int, Any, bytes]:
+        """(status, headers, body) of one POST, all of it within `timeout` seconds."""
+        timeout = self.config.timeout
+        deadline = time.monotonic() + timeout
+        too_slow = _Retryable("timeout", f"no full answer within {timeout}s")
         try:
             resp = self._session().post(
-                self._url, data=json.dumps(self._body(req)), timeout=self.config.timeout
+                self._url, data=json.dumps(self._body(req)), timeout=timeout, stream=True
             )
-        except requests.Timeout:
-            raise _Retryable("timeout", f"no answer within {self.config.timeout}s") from None
-        except requests.ConnectionError as e:
+            with resp:
+                chunks, size = [], 0
+                # read1: whatever has arrived (iter_content would wait for a full chunk)
+                while chunk := resp.raw.read1(65536, decode_content=True):
+                    size += len(chunk)
+                    if size > self.config.max_response_bytes:
+                        raise _Retryable("malformed", "response body too large")
+                    chunks.append(chunk)
+                    if time.monotonic() > deadline:  # a body dripped slowly: give up
+                        raise too_slow
+                if time.monotonic() > deadline:
+                    raise too_slow
+                return resp.status_code, resp.headers, b"".join(chunks)
+        except (requests.Timeout, urllib3.exceptions.TimeoutError):
+            raise too_slow from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:  # refused, reset
             raise _Retryable("connection", f"connection error: {type(e).__name__}") from None
-        if resp.status_code != 200:
-            snippet = self._redact(resp.text[:200].replace("\n", " "))
-            reason = f"HTTP {resp.status_code}: {snippet}"
-            if resp.status_code in _RETRY_STATUS:
-                raise _Retryable(
-                    str(resp.status_code),
-                    reason,
-                    parse_retry_after(resp.headers.get("Retry-After")),
-                )
-            raise _Fatal(str(resp.status_code), reason)
+
+    def _attempt(self, req: TeacherRequest) -> Completion:
+        status, headers, raw = self._read(req)
+        if status != 200:
+            text = raw[:200].decode("utf-8", "replace").replace("\n", " ")
+            reason = f"HTTP {status}: {self._redact(text)}"
+            if status in _RETRY_STATUS:
+                retry_after = parse_retry_after(headers.get("Retry-After"))
+                raise _Retryable(str(status), reason, retry_after)
+            raise _Fatal(str(status), reason)
         try:
-            data = resp.json()
+            data = json.loads(raw)
             choice = data["choices"][0]
             text = choice["message"]["content"] if self.config.api == "chat" else choice["text"]
             if not isinstance(text, str):
@@ -249,7 +273,8 @@ class OpenAIBackend:
             raise _Retryable("malformed", f"malformed response body ({type(e).__name__})") from None
         usage = data.get("usage") or {}
         return Completion(
-            text=apply_stop(text, req.params.stop),
+            # A server may echo the key in what it returns: it never reaches outputs or cache.
+            text=self._redact(apply_stop(text, req.params.stop)),
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
         )
@@ -260,7 +285,7 @@ class OpenAIBackend:
 
     def complete(self, req: TeacherRequest) -> Completion:
         """One request with retries; raises RequestFailed when it gives up."""
-        attempt = 0
+        attempt, waited = 0, 0.0
         while True:
             attempt += 1
             self._limiter.acquire()
@@ -282,7 +307,16 @@ class OpenAIBackend:
                         self.stats.failures += 1
                     logger.warning("request %s: %s; giving up", req.key[:12], e.reason)
                     raise RequestFailed(e.reason, attempt) from None
-                delay = e.retry_after if e.retry_after is not None else self._backoff(attempt)
+                delay = self._backoff(attempt)
+                if e.retry_after is not None:
+                    delay = min(e.retry_after, self.config.retry_after_max)
+                if waited + delay > self.config.max_total_backoff:
+                    with self._lock:
+                        self.stats.failures += 1
+                    reason = f"{e.reason}; retrying would wait past max_total_backoff"
+                    logger.warning("request %s: %s; giving up", req.key[:12], reason)
+                    raise RequestFailed(reason, attempt) from None
+                waited += delay
                 logger.warning(
                     "request %s: %s; retry %d/%d in %.2fs",
                     req.key[:12],
