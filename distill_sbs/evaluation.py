@@ -133,9 +133,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Prints the metrics of a checkpoint on a split; with `output_dir`, also writes metrics.json
     and one predictions JSONL per evaluated task there."""
-    import distill_sbs
+    from distill_sbs import models
 
-    model, params = distill_sbs.load(checkpoint_path)
+    model, params = models.load(checkpoint_path)
     metrics, outputs = evaluate_tasks(
         model,
         params,

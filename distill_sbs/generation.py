@@ -212,9 +212,9 @@ class ModelGenerator:
 
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs: Any) -> ModelGenerator:
-        import distill_sbs
+        from distill_sbs import models
 
-        model, params = distill_sbs.load(path)
+        model, params = models.load(path)
         return cls(model, params, **kwargs)
 
     def generate(

@@ -69,7 +69,7 @@ def infer(
     generate_kwargs: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Predicts a label (and a rationale when asked) for each input; writes JSONL rows."""
-    import distill_sbs
+    from distill_sbs import models
     from distill_sbs.generation import generate_texts
 
     if (input_file is None) == (mixture_or_task_name is None):
@@ -85,7 +85,7 @@ def infer(
             t[len(label_prefix) :] if label_prefix and t.startswith(label_prefix) else t
             for t in label_inputs
         ]
-    model, params = distill_sbs.load(checkpoint_path)
+    model, params = models.load(checkpoint_path)
     kwargs = dict(generate_kwargs or {}, method=method)
     if method == "beam":
         kwargs["num_beams"] = num_beams
