@@ -968,6 +968,7 @@ class Server:
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))  # here, so that a busy port fails at once
+        self._socket.listen(2048)  # connections wait in the backlog until uvicorn accepts
         self._thread: threading.Thread | None = None
 
     @property
