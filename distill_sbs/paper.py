@@ -28,16 +28,13 @@ class Method:
     """A training method; its mixture is <dataset>_<method>."""
 
     description: str
-    # Suffix of the sub-task whose metric selects checkpoints: a multi-task (DSS) mixture is
-    # scored on its label task, a single-task mixture on itself.
-    scored_suffix: str = ""
 
 
 METHODS = {
     "finetune": Method("standard fine-tuning on gold labels"),
     "distill": Method("standard distillation on the teacher LLM's labels"),
-    "dss": Method("Distilling Step-by-Step, gold labels + LLM rationales", "_label"),
-    "dss_llm": Method("Distilling Step-by-Step, LLM labels + LLM rationales", "_label"),
+    "dss": Method("Distilling Step-by-Step, gold labels + LLM rationales"),
+    "dss_llm": Method("Distilling Step-by-Step, LLM labels + LLM rationales"),
 }
 
 
@@ -72,10 +69,29 @@ def _check(kind: str, value: str, known) -> None:
 
 @gin.configurable(module="paper")
 def mixture_name(dataset: str = gin.REQUIRED, method: str = gin.REQUIRED) -> str:
-    """The SeqIO mixture of `method` on `dataset`, e.g. cqa_dss."""
-    _check("DATASET", dataset, DATASETS)
-    _check("METHOD", method, METHODS)
+    """The SeqIO mixture of `method` on `dataset`, e.g. cqa_dss.
+
+    Any registered dataset and method is accepted (the miniature runs the paper's configs on the
+    embedded `arith` data, and `cot` too); the paper's own grid is DATASETS x METHODS.
+    """
+    from distill_sbs import data
+
+    _check("DATASET", dataset, data.registered_datasets())
+    _check("METHOD", method, (*METHODS, *(m for m in data.METHODS if m not in METHODS)))
     return f"{dataset}_{method}"
+
+
+def scored_task(mixture: str) -> str:
+    """The task whose metric selects checkpoints: the mixture's one sub-task with metrics (the
+    label task of DSS), or the task itself."""
+    import seqio
+
+    provider = seqio.get_mixture_or_task(mixture)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    scored = [t.name for t in tasks if t.metric_fns]
+    if len(scored) != 1:
+        raise ValueError(f"{mixture}: expected one scored task, found {scored or 'none'}")
+    return scored[0]
 
 
 @gin.configurable(module="paper")
@@ -83,7 +99,7 @@ def best_metric(
     dataset: str = gin.REQUIRED, method: str = gin.REQUIRED, metric: str = gin.REQUIRED
 ) -> str:
     """The "<task>/<metric>" key that selects the best checkpoint, e.g. cqa_dss_label/accuracy."""
-    return f"{mixture_name(dataset, method)}{METHODS[method].scored_suffix}/{metric}"
+    return f"{scored_task(mixture_name(dataset, method))}/{metric}"
 
 
 def run_flags(dataset: str, method: str, model: str) -> list[str]:

@@ -65,7 +65,9 @@ OLD_COMMON = {
     "train.eval_batch_size": 64,
     "train.eval_loss_batches": 8,
     "train.eval_period": 250,
-    "train.eval_split": "test",
+    # Issue 13: checkpoints are selected on the validation split (carved from train where a
+    # dataset has none), no longer on test.
+    "train.eval_split": "validation",
     "train.initial_checkpoint_path": "/ckpt",
     "train.log_period": 50,
     "train.max_decode_length": 256,
@@ -202,7 +204,11 @@ def test_composed_config_binds_what_the_generated_file_did(dataset, method, mode
     added = {".".join(k.split(".")[-2:]) for k in set(got) - set(want)}
     assert added == {"DATASET", "METHOD", "METRIC"} | {
         f"{fn}.{arg}" for fn in ("mixture_name", "best_metric") for arg in ("dataset", "method")
-    } | {"best_metric.metric"}
+    } | {"best_metric.metric"} | {  # issue 13: validation carve-out, one subset per seed
+        "VALIDATION_FRACTION",
+        "DatasetOptions.validation_fraction",
+        "DatasetOptions.subsample_seed",
+    }
     assert (got["DATASET"], got["METHOD"]) == (dataset, method)
 
 

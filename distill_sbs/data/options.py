@@ -37,6 +37,9 @@ class DatasetOptions:
       objectives not listed get rate 1.0.
     cot_filter_correct: Fine-tune-CoT keeps only teacher samples whose answer is right (the count
       dropped is logged); samples of records without a gold label are dropped too when set.
+    validation_fraction, validation_seed: for a dataset registered without a "validation" split,
+      hold out this fraction of train as one (0: none): the first ceil(fraction * n) records of a
+      permutation seeded by validation_seed; train keeps the rest, before train_fraction applies.
     """
 
     data_dir: str | None = None
@@ -49,10 +52,16 @@ class DatasetOptions:
     teacher_weight: float = 0.5
     mixing_rates: dict | None = None
     cot_filter_correct: bool = True
+    validation_fraction: float = 0.0
+    validation_seed: int = 0
 
     def __post_init__(self):
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"DatasetOptions.train_fraction={self.train_fraction} not in (0, 1]")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(
+                f"DatasetOptions.validation_fraction={self.validation_fraction} not in [0, 1)"
+            )
         if not 0.0 <= self.dss_alpha <= 1.0:
             raise ValueError(f"DatasetOptions.dss_alpha={self.dss_alpha} not in [0, 1]")
 

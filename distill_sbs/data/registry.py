@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -110,6 +112,15 @@ def get_objectives(mixture_or_task_name: str) -> list[Objective]:
     return [Objective(n, _weight(method, n, opts)) for n in objective_names(dataset, method)]
 
 
+def dataset_and_method(mixture_or_task_name: str) -> tuple[str, str]:
+    """(dataset, method) of a name registered by register_dataset, e.g. ("cqa", "dss")."""
+    if mixture_or_task_name not in _NAMES:
+        raise KeyError(
+            f"{mixture_or_task_name!r} was not registered by distill_sbs.data.register_dataset"
+        )
+    return _NAMES[mixture_or_task_name]
+
+
 def registered_datasets() -> list[str]:
     """Names of the datasets registered with register_dataset."""
     return sorted(_DATASETS)
@@ -125,9 +136,37 @@ def get_dataset_spec(name: str) -> DatasetSpec:
 def load_records(name: str, split: str, *, subsample: bool = False) -> list[Record]:
     """The records of one split (cached); with `subsample`, the train split as training sees it."""
     spec = get_dataset_spec(name)
-    if split not in spec.splits:
+    if split not in _source_splits(spec):
         raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {spec.splits}")
     return _records(spec, split, subsample=subsample)
+
+
+VALIDATION = "validation"
+
+
+def _source_splits(spec: DatasetSpec) -> tuple[str, ...]:
+    """The dataset's splits, plus "validation" (carved from train on demand) if it has none."""
+    extra = (VALIDATION,) if VALIDATION not in spec.splits and "train" in spec.splits else ()
+    return (*spec.splits, *extra)
+
+
+def carve_validation(
+    records: Sequence[Record], fraction: float, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """(train, validation): validation is the first ceil(fraction * n) records of a permutation
+    seeded by `seed`; both keep the records' original order. Deterministic for (n, fraction, seed).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction {fraction} not in (0, 1)")
+    order = np.random.default_rng(seed).permutation(len(records))
+    held = set(order[: math.ceil(fraction * len(records))].tolist())
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held]
+
+
+def _carved(spec: DatasetSpec) -> bool:
+    """Whether this dataset's validation split is carved from train under the current options."""
+    return VALIDATION not in spec.splits and options.get_options().validation_fraction > 0
 
 
 def _cache_key(spec: DatasetSpec, split: str) -> tuple:
@@ -137,10 +176,20 @@ def _cache_key(spec: DatasetSpec, split: str) -> tuple:
 
 def _records(spec: DatasetSpec, split: str, subsample: bool = True) -> list[Record]:
     opts = options.get_options()
-    key = _cache_key(spec, split)
+    carved = _carved(spec)
+    if split == VALIDATION and VALIDATION not in spec.splits and not carved:
+        raise ValueError(
+            f"dataset {spec.name!r} has no validation split; set DatasetOptions.validation_fraction"
+            " (e.g. 0.1) to hold out that fraction of train as one"
+        )
+    source = "train" if carved and split in ("train", VALIDATION) else split
+    key = _cache_key(spec, source)
     if key not in _CACHE:
-        _CACHE[key] = spec.load_split(split)
+        _CACHE[key] = spec.load_split(source)
     records = _CACHE[key]
+    if carved and source == "train":
+        kept, held = carve_validation(records, opts.validation_fraction, opts.validation_seed)
+        records = held if split == VALIDATION else kept
     if split == "train" and subsample:
         records = preprocessors.subsample(records, opts.train_fraction, opts.subsample_seed)
     return records
@@ -274,7 +323,7 @@ def _register_task(spec: DatasetSpec, task_name: str, method: str, objective_id:
         task_name,
         source=seqio.FunctionDataSource(
             dataset_fn=functools.partial(_dataset_fn, key=(spec.name, method, objective_id)),
-            splits=spec.splits,
+            splits=_source_splits(spec),
         ),
         preprocessors=[tokenize_text, seqio.preprocessors.append_eos_after_trim],
         output_features=_output_features(spec.vocabulary),
@@ -422,7 +471,16 @@ def get_dataset(
 
     Deterministic for a given seed: a resumed run gets the same stream and can skip to its
     position. `batch_size` is per host; the last partial batch is dropped when repeating.
+
+    Sharding is by rows of the global batch: every host builds the same stream of global batches
+    (`batch_size * num_shards` rows) and keeps rows [shard_id * batch_size, (shard_id + 1) *
+    batch_size). The hosts' rows are disjoint and together are exactly the one-host batch, so a
+    run's numbers do not depend on how many hosts it spans (and it resumes on another count).
+    The price is that each host tokenises and packs the whole stream, cheap next to a train step.
+    With several shards a final partial global batch is dropped, so all hosts take as many steps.
     """
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id={shard_id} must be in [0, num_shards={num_shards})")
     if set(task_feature_lengths) != {"inputs", "targets"}:
         raise ValueError(
             "task_feature_lengths must have keys 'inputs' and 'targets', "
@@ -436,11 +494,13 @@ def get_dataset(
         shuffle=shuffle,
         seed=seed,
         num_epochs=None if repeat else 1,
-        shard_info=seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None,
         trim_output_features=True,
     )
     ds = ObjectiveEncDecFeatureConverter(pack=pack)(ds, dict(task_feature_lengths))
-    ds = ds.batch(batch_size, drop_remainder=repeat)
+    ds = ds.batch(batch_size * num_shards, drop_remainder=repeat or num_shards > 1)
+    if num_shards > 1:
+        rows = slice(shard_id * batch_size, (shard_id + 1) * batch_size)
+        ds = ds.map(lambda batch: {k: v[rows] for k, v in batch.items()})
     opts = tf.data.Options()
     opts.deterministic = True
     return ds.with_options(opts).prefetch(tf.data.AUTOTUNE)
