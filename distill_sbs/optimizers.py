@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import gin
 import optax
 
-import gin
+from distill_sbs.errors import UserError
 
 Schedule = Callable[[int], float]
 
@@ -62,12 +63,15 @@ def create_optimizer(
     total_steps: int | None = None,
     weight_decay: float = 0.0,
     grad_clip_norm: float | None = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
+    b1: float | None = None,
+    b2: float | None = None,
+    eps: float | None = None,
 ) -> tuple[optax.GradientTransformation, Schedule]:
     """Returns (optimizer, learning-rate schedule). learning_rate defaults per optimizer:
-    1e-3 for adafactor (T5X fine-tuning), 5e-5 for adamw (DSS reference)."""
+    1e-3 for adafactor (T5X fine-tuning), 5e-5 for adamw (DSS reference). b1, b2, eps are
+    adamw's (default 0.9, 0.999, 1e-8); sgd has no weight decay. A setting the chosen optimizer
+    would ignore is a UserError, not silently dropped."""
+    _check_settings(name, weight_decay=weight_decay, b1=b1, b2=b2, eps=eps)
     if name == "adafactor":
         lr = 1e-3 if learning_rate is None else learning_rate
         sched = learning_rate_schedule(lr, schedule, warmup_steps, total_steps)
@@ -78,15 +82,33 @@ def create_optimizer(
     elif name == "adamw":
         lr = 5e-5 if learning_rate is None else learning_rate
         sched = learning_rate_schedule(lr, schedule, warmup_steps, total_steps)
-        tx = optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+        tx = optax.adamw(
+            sched,
+            b1=0.9 if b1 is None else b1,
+            b2=0.999 if b2 is None else b2,
+            eps=1e-8 if eps is None else eps,
+            weight_decay=weight_decay,
+        )
     elif name == "sgd":
         lr = 1e-2 if learning_rate is None else learning_rate
         sched = learning_rate_schedule(lr, schedule, warmup_steps, total_steps)
         tx = optax.sgd(sched)
     else:
-        raise ValueError(
+        raise UserError(
             f"create_optimizer: unknown optimizer {name!r}; use adafactor, adamw or sgd"
         )
     if grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
     return tx, sched
+
+
+def _check_settings(name: str, *, weight_decay: float, **adam_settings: float | None) -> None:
+    """Settings that `name` has no use for are errors (the user meant something by them)."""
+    ignored = [f"{k}={v}" for k, v in adam_settings.items() if v is not None and name != "adamw"]
+    if weight_decay and name == "sgd":
+        ignored.append(f"weight_decay={weight_decay}")
+    if ignored:
+        raise UserError(
+            f"create_optimizer: name={name!r} does not use {', '.join(ignored)}; "
+            "remove the binding(s) or use name='adamw'"
+        )

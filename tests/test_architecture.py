@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
         "losses",
         "partitioning",
         "optimizers",
+        "errors",
         "storage",
         "data.records",
         "data.options",

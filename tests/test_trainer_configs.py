@@ -12,6 +12,7 @@ import gin
 import pytest
 
 from distill_sbs import cli
+from distill_sbs.errors import UserError
 
 GIN = str(cli.GIN_DIR)
 
@@ -47,12 +48,12 @@ def test_gin_flags_and_resolve(tmp_path, monkeypatch):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "quickstart.gin").write_text("")
     assert cli.resolve("quickstart", ["mine"]) == str(tmp_path / "mine" / "quickstart.gin")
-    with pytest.raises(SystemExit, match="nope.gin"):
+    with pytest.raises(UserError, match="nope.gin"):
         cli.resolve("nope.gin")
 
 
 def test_gin_typo_is_one_clear_error():
-    with pytest.raises(SystemExit, match="TRAIN_STEPZ|train_stepz"):
+    with pytest.raises(UserError, match="TRAIN_STEPZ|train_stepz"):
         cli.parse_gin(["quickstart.gin"], ["train.train_stepz = 3"])
 
 

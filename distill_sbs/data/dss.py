@@ -231,7 +231,9 @@ def read_dss_split(
     stats = None
     if outputs is not None:
         stats = ParseStats(name, split, len(outputs), parsed)
-        logging.info(
+        # A parse failure drops the sample from training: at WARNING, which the CLI shows.
+        logging.log(
+            logging.WARNING if stats.failed else logging.INFO,
             "%s/%s: %d of %d teacher outputs parsed (%.2f%%), %d failures kept raw",
             name,
             split,

@@ -15,9 +15,13 @@ import os
 
 import gin
 
+from distill_sbs.errors import UserError
+
 DATA_DIR_ENV = "DISTILL_SBS_DATA_DIR"
 VOCAB_ENV = "DISTILL_SBS_VOCAB"
-DEFAULT_T5_VOCAB = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+# T5's SentencePiece model (Apache-2.0), shipped so that no T5 task reads gs://t5-data offline; the
+# same file as gs://t5-data/vocabs/cc_all.32000/sentencepiece.model.
+DEFAULT_T5_VOCAB = os.path.join(os.path.dirname(__file__), "assets", "t5_spiece.model")
 
 
 @gin.configurable
@@ -27,7 +31,7 @@ class DatasetOptions:
 
     data_dir: root of the data files (default: $DISTILL_SBS_DATA_DIR).
     vocab_path: T5 SentencePiece model of the built-in DSS datasets (default: $DISTILL_SBS_VOCAB,
-      else the public T5 vocabulary on GCS).
+      else the copy of T5's vocabulary shipped in distill_sbs/data/assets).
     train_fraction, subsample_seed: keep this fraction of the train split (0 < f <= 1), chosen by
       a seeded permutation so that smaller fractions are subsets of larger ones.
     dss_alpha: DSS weight of the label objective; the rationale objective gets 1 - alpha.
@@ -75,7 +79,7 @@ def data_dir() -> str:
     """The data directory: gin DatasetOptions.data_dir, else $DISTILL_SBS_DATA_DIR."""
     path = get_options().data_dir or os.environ.get(DATA_DIR_ENV)
     if not path:
-        raise ValueError(
+        raise UserError(
             f"no data directory: set the environment variable {DATA_DIR_ENV} or the gin binding "
             "DatasetOptions.data_dir"
         )

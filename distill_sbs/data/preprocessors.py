@@ -153,8 +153,8 @@ def cot_examples(
                     _example(r, r.input, cot_target(sample.rationale, sample.label), objective_id)
                 )
     dropped = counts["samples"] - counts["kept"]
-    if dropped:
-        logging.info(
+    if dropped:  # at WARNING, which the CLI shows: the user sees what the filter removed
+        logging.warning(
             "%s: kept %d of %d teacher samples (unparsed %d, wrong answer %d, no gold label %d)",
             where,
             counts["kept"],

@@ -20,8 +20,10 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from distill_sbs.errors import UserError
 
-class RecordError(ValueError):
+
+class RecordError(UserError):
     """A record that cannot be read; the message names the file and line (or the record)."""
 
 
@@ -141,14 +143,17 @@ def record_from_json(d: Any, where: str) -> Record:
 def iter_json_lines(path: str | os.PathLike, what: str = "a line") -> Iterator[tuple[dict, str]]:
     """(object, "file:line") for each non-blank line of a JSON-lines file.
 
-    A line that is not valid JSON, or not a JSON object, raises RecordError naming file and line.
+    A line that is not valid UTF-8 or JSON, or not a JSON object, raises RecordError naming file
+    and line.
     """
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
+    # surrogateescape: an undecodable byte is kept (as a lone surrogate) so that its line is known.
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
+            _check_utf8(line, where)
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
@@ -158,6 +163,17 @@ def iter_json_lines(path: str | os.PathLike, what: str = "a line") -> Iterator[t
             if not isinstance(d, dict):
                 raise RecordError(f"{where}: {what} must be a JSON object")
             yield d, where
+
+
+def _check_utf8(line: str, where: str) -> None:
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(line[e.start]) - 0xDC00  # surrogateescape maps byte b to U+DC00 + b
+        raise RecordError(
+            f"{where}: not valid UTF-8 (byte 0x{byte:02x} at column {e.start + 1}); "
+            "re-encode the file as UTF-8"
+        ) from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Record]:

@@ -270,6 +270,31 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, key
     return _to_tf(examples)
 
 
+# No SentencePiece piece of our vocabularies spans more than 16 characters (T5's longest); 64 per
+# token leaves room for the whitespace runs the normaliser folds into one piece.
+CHARS_PER_TOKEN = 64
+
+
+def truncate_text(
+    dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None = None
+) -> tf.data.Dataset:
+    """Cuts "inputs" and "targets" to CHARS_PER_TOKEN characters per token of their feature
+    length before tokenising: a 1 MB record would otherwise be tokenised in full (every epoch)
+    only for all but its first tokens to be trimmed. The kept tokens are the same."""
+    if not sequence_length:
+        return dataset
+
+    def cut(ex: dict) -> dict:
+        ex = dict(ex)
+        for key in ("inputs", "targets"):
+            if sequence_length.get(key):
+                limit = sequence_length[key] * CHARS_PER_TOKEN
+                ex[key] = tf.strings.substr(ex[key], 0, limit, unit="UTF8_CHAR")
+        return ex
+
+    return dataset.map(cut, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def tokenize_text(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
     """seqio tokenization of "inputs" and "targets" only (objective_id is already an int)."""
     text = {k: output_features[k] for k in ("inputs", "targets")}
@@ -325,7 +350,7 @@ def _register_task(spec: DatasetSpec, task_name: str, method: str, objective_id:
             dataset_fn=functools.partial(_dataset_fn, key=(spec.name, method, objective_id)),
             splits=_source_splits(spec),
         ),
-        preprocessors=[tokenize_text, seqio.preprocessors.append_eos_after_trim],
+        preprocessors=[truncate_text, tokenize_text, seqio.preprocessors.append_eos_after_trim],
         output_features=_output_features(spec.vocabulary),
         postprocess_fn=postprocess_cot if objective == "cot" else postprocess_label,
         metric_fns=[metrics.METRICS[spec.metric].metric_fn] if scored else [],

@@ -45,6 +45,27 @@ class LazySentencePieceVocabulary(seqio.SentencePieceVocabulary):
         super().__setstate__(state)
         self._resolved_path = None
 
+    def _comparable_state(self) -> dict:
+        """The state a plain SentencePieceVocabulary of the resolved file would have."""
+        state = {k: v for k, v in self.__getstate__().items() if k != "_path_fn"}
+        state["_sentencepiece_model_file"] = self._sentencepiece_model_file
+        return state
+
+    # T5X compares model and task vocabularies with == and !=: equal to seqio's own vocabulary
+    # of the same file. (Python asks the subclass first, whichever side it is on.)
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LazySentencePieceVocabulary):
+            return self._comparable_state() == other._comparable_state()
+        if isinstance(other, seqio.SentencePieceVocabulary):
+            return self._comparable_state() == other.__getstate__()
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None  # as seqio's vocabularies (mutable state, equality by value)
+
 
 @functools.cache
 def t5_vocabulary() -> seqio.SentencePieceVocabulary:
