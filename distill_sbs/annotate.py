@@ -85,6 +85,14 @@ flags.DEFINE_integer(
 flags.DEFINE_float(
     "backoff_base", _TEACHER_DEFAULTS["backoff_base"], "Seconds before the first retry (doubles)."
 )
+flags.DEFINE_float(
+    "retry_after_max", _TEACHER_DEFAULTS["retry_after_max"], "Cap on a server's Retry-After (s)."
+)
+flags.DEFINE_float(
+    "max_total_backoff",
+    _TEACHER_DEFAULTS["max_total_backoff"],
+    "Most seconds one request waits between retries in all.",
+)
 flags.DEFINE_boolean("progress", True, "Show a progress line on stderr.")
 
 # Every field but the name comes from the flag of the same name (a new field needs a flag).

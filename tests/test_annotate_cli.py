@@ -24,7 +24,7 @@ def teacher(prompt: str, params, seed) -> str:
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(DSS, "svamp")), reason=f"{DSS} is absent")
 def test_registered_dataset_and_two_teachers_from_a_file(tmp_path):
-    with Server(FakeGenerator(teacher)) as server:
+    with Server(FakeGenerator(teacher), model_name="m") as server:
         teachers = [
             {"name": "fs", "base_url": server.base_url, "model": "m", "timeout": 10},
             {

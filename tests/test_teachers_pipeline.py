@@ -12,7 +12,6 @@ import pytest
 from fakes import FakeGenerator, fault_server
 
 from distill_sbs.data.records import Record, read_jsonl, write_jsonl
-from distill_sbs.serve import Server
 from distill_sbs.teachers import prompts
 from distill_sbs.teachers.cache import CacheError, RequestCache, request_key
 from distill_sbs.teachers.exemplars import BUILTIN, get_exemplars, load_exemplars
@@ -39,7 +38,10 @@ def oracle(prompt: str, params, seed) -> str:
 
 @pytest.fixture
 def server():
-    with Server(FakeGenerator(oracle, max_batch_size=4), batch_window_ms=2) as s:
+    # The fault server without faults: the test-only request log (prompt hashes, seeds).
+    with fault_server(
+        FakeGenerator(oracle, max_batch_size=4), None, batch_window_ms=2, model_name="tiny"
+    ) as s:
         yield s
 
 
@@ -57,7 +59,7 @@ def _teacher(server, **kw) -> tuple[TeacherConfig, object]:
 
 
 def _sent_prompts(server) -> list[str]:
-    return [e for e in server.state.log if e["status"] == 200]
+    return [e for e in server.handler.faults.log if e["status"] == 200]
 
 
 def test_few_shot_annotates_parses_and_scores(server, tmp_path):
@@ -160,7 +162,7 @@ def test_diverse_reasoning_and_correctness_filter(server, tmp_path):
         x.label == r.label for r in result.records for x in r.teachers["t"]
     )
     # Each sample is its own request with its own seed.
-    seeds = [e["seed"] for e in server.state.log]
+    seeds = [e["seed"] for e in server.handler.faults.log]
     assert len(set(seeds)) == 12
 
 
@@ -176,7 +178,7 @@ def test_unparsed_output_is_kept_as_a_failure_sample(server, tmp_path):
 
 def test_failures_are_listed_and_a_rerun_sends_only_them(tmp_path):
     # Requests 2 and 3 fail and are not retried: two examples fail, the rest are annotated.
-    with fault_server(FakeGenerator(oracle), "500@2-3") as s:
+    with fault_server(FakeGenerator(oracle), "500@2-3", model_name="m") as s:
         cfg = TeacherConfig(
             "t", base_url=s.base_url, model="m", exemplars="arith", max_concurrency=1, max_retries=0
         )
@@ -194,7 +196,7 @@ def test_failures_are_listed_and_a_rerun_sends_only_them(tmp_path):
         assert (t.cached, t.completed, t.failed) == (2, 2, 0) and not r2.failed
         assert [r.id for r in r2.records] == ["ex0", "ex1", "ex2", "ex3"]
         # Each prompt was answered exactly once.
-        ok = [e["prompt_sha256"][0] for e in s.state.log if e["status"] == 200]
+        ok = [e["prompt_sha256"][0] for e in s.handler.faults.log if e["status"] == 200]
         assert len(ok) == len(set(ok)) == 4
 
 

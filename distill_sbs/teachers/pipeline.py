@@ -49,6 +49,8 @@ class TeacherConfig:
     timeout: float = 60.0
     max_retries: int = 5
     backoff_base: float = 1.0  # seconds before the first retry (doubling, with jitter)
+    retry_after_max: float = 60.0  # a server's Retry-After is obeyed up to this many seconds
+    max_total_backoff: float = 600.0  # a request gives up rather than wait longer in all
     checkpoint: str | None = None  # backend "local": a native/converted checkpoint
     batch_size: int = 16  # backend "local"
     strategy: str = "few_shot"  # see prompts.STRATEGIES
@@ -129,6 +131,8 @@ def make_backend(cfg: TeacherConfig) -> Backend:
             timeout=cfg.timeout,
             max_retries=cfg.max_retries,
             backoff_base=cfg.backoff_base,
+            retry_after_max=cfg.retry_after_max,
+            max_total_backoff=cfg.max_total_backoff,
         )
     )
 
