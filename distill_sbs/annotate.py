@@ -30,6 +30,7 @@ from typing import Any
 
 from absl import app, flags
 
+from distill_sbs import storage
 from distill_sbs.data.records import Record, RecordError, read_jsonl, write_jsonl
 from distill_sbs.teachers.cache import CacheError, RequestCache
 from distill_sbs.teachers.pipeline import TeacherConfig, annotate, make_backend
@@ -104,11 +105,10 @@ if _missing:  # a programming error, caught by any test that imports this module
 
 def teacher_configs() -> list[TeacherConfig]:
     if FLAGS.teachers:
-        with open(FLAGS.teachers) as f:
-            try:
-                items = json.load(f)
-            except json.JSONDecodeError as e:
-                raise app.UsageError(f"{FLAGS.teachers}: invalid JSON: {e}") from None
+        try:
+            items = storage.read_json(FLAGS.teachers)
+        except (OSError, ValueError) as e:
+            raise app.UsageError(str(e)) from None
         if not isinstance(items, list) or not items:
             raise app.UsageError(f"{FLAGS.teachers}: expected a non-empty JSON list of teachers")
         return [
@@ -201,9 +201,8 @@ def _main(argv: Sequence[str]) -> int:
     for _, backend in teachers:
         backend.close()
     write_jsonl(FLAGS.output, result.records)
-    with open(FLAGS.output + ".failed.jsonl", "w", encoding="utf-8") as f:
-        for item in result.failed:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    failed = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in result.failed)
+    storage.write_text(FLAGS.output + ".failed.jsonl", failed)
     summary = result.summary()
     run = {
         "input": FLAGS.input,
@@ -214,8 +213,7 @@ def _main(argv: Sequence[str]) -> int:
         "cache": cache_path,
         "teachers": [cfg.to_json() for cfg in configs],
     }
-    with open(FLAGS.output + ".summary.json", "w", encoding="utf-8") as f:
-        json.dump({"summary": summary, "config": run}, f, indent=2)
+    storage.write_json(FLAGS.output + ".summary.json", {"summary": summary, "config": run})
     print(format_summary(summary), flush=True)
     return 2 if result.failed else 0
 

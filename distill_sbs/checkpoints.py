@@ -15,14 +15,13 @@ MODEL_DIR, or one of its step directories, gives that step's (or the latest step
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from typing import Any
 
 import orbax.checkpoint as ocp
-from etils import epath
+from absl import logging
 
+from distill_sbs import storage
 from distill_sbs.network import T5Config
 
 CONFIG_FILE = "config.json"
@@ -45,30 +44,26 @@ def write_model_description(
     directory: str, config: T5Config, vocab_file: str | None, extra_ids: int = 100
 ) -> None:
     """Writes config.json and copies the vocabulary into `directory` (local or e.g. gs://)."""
-    out = epath.Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(directory)
     vocab = None
     if vocab_file is not None:
-        dest = out / VOCAB_FILE
-        if str(epath.Path(vocab_file).resolve()) != str(dest.resolve()):
-            dest.write_bytes(epath.Path(vocab_file).read_bytes())
+        dest = storage.join(directory, VOCAB_FILE)
+        if storage.resolve(vocab_file) != storage.resolve(dest):
+            storage.write_bytes(dest, storage.read_bytes(vocab_file))
         vocab = {"file": VOCAB_FILE, "extra_ids": extra_ids}
-    (out / CONFIG_FILE).write_text(
-        json.dumps({"model": config.to_dict(), "vocabulary": vocab}, indent=2)
+    # config.json is written last and whole: a directory with it has its vocabulary too.
+    storage.write_json(
+        storage.join(directory, CONFIG_FILE), {"model": config.to_dict(), "vocabulary": vocab}
     )
 
 
 def read_model_description(directory: str) -> tuple[T5Config, str | None, int]:
     """Reads config.json of a native checkpoint or MODEL_DIR: (config, vocab path, extra ids)."""
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.join(directory, CONFIG_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: not found; is {directory} a native checkpoint directory?")
-    with open(path) as f:
-        try:
-            desc = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON: {e}") from e
-    if "model" not in desc:
+    desc = storage.read_json(path)
+    if not isinstance(desc, dict) or "model" not in desc:
         raise ValueError(f"{path}: missing field 'model'")
     try:
         config = T5Config.from_dict(desc["model"])
@@ -77,7 +72,7 @@ def read_model_description(directory: str) -> tuple[T5Config, str | None, int]:
     vocab = desc.get("vocabulary")
     if not vocab:
         return config, None, 0
-    return config, os.path.join(directory, vocab["file"]), int(vocab.get("extra_ids", 100))
+    return config, storage.join(directory, vocab["file"]), int(vocab.get("extra_ids", 100))
 
 
 def save_native(
@@ -90,47 +85,84 @@ def save_native(
     """Saves a self-describing native checkpoint (config, vocabulary, parameters)."""
     write_model_description(directory, config, vocab_file, extra_ids)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(os.path.join(directory, PARAMS_DIR)), params, force=True)
+    checkpointer.save(storage.join(storage.resolve(directory), PARAMS_DIR), params, force=True)
     checkpointer.wait_until_finished()
 
 
+# checkpoint_<step>, or the same name with orbax's ".orbax-checkpoint-tmp-<time>" of a save that
+# never finished
+_STEP_NAME = re.compile(rf"^{STEP_PREFIX}_(\d+)(\..+)?$")
+
+
+def is_step_dir(path: storage.PathLike) -> bool:
+    """Whether `path` is a MODEL_DIR's step directory (described by its parent's config.json)."""
+    p = storage.Path(path)
+    return bool(_STEP_NAME.match(p.name)) and not (p / CONFIG_FILE).exists()
+
+
 def step_dirs(model_dir: str) -> dict[int, str]:
-    """The finished step directories of a MODEL_DIR, by step."""
-    if not os.path.isdir(model_dir):
-        return {}
-    out = {}
-    for name in os.listdir(model_dir):
-        m = _STEP_DIR.match(name)
-        if m and os.path.isdir(os.path.join(model_dir, name, PARAMS_DIR)):
-            out[int(m.group(1))] = os.path.join(model_dir, name)
-    return out
+    """The committed step directories of a MODEL_DIR, by step.
+
+    Committed is orbax's own test (`ocp.step.is_path_finalized`: locally the step directory was
+    renamed from its temporary name, on GCS it holds orbax's commit_success.txt). A step directory
+    newer than the newest committed one is skipped with a warning that names it.
+    """
+    committed: dict[int, str] = {}
+    skipped: dict[int, str] = {}
+    for name in storage.listdir(model_dir):
+        m = _STEP_NAME.match(name)
+        if not m:
+            continue
+        path = storage.Path(model_dir) / name
+        step = int(m.group(1))
+        if m.group(2) is None and ocp.step.is_path_finalized(path) and (path / PARAMS_DIR).is_dir():
+            committed[step] = str(path)
+        else:
+            skipped[step] = str(path)
+    newest = max(committed, default=-1)
+    for step in sorted(s for s in skipped if s > newest):
+        fallback = f"using {committed[newest]}" if committed else "no committed step to use"
+        logging.warning(
+            "%s: incomplete checkpoint (orbax never committed it; an interrupted save or a "
+            "partial copy); skipped, %s",
+            skipped[step],
+            fallback,
+        )
+    return committed
 
 
 def load_native(directory: str, abstract_params: Any = None) -> NativeCheckpoint:
-    """Loads a native checkpoint, a MODEL_DIR (latest step) or a MODEL_DIR step directory.
+    """Loads a native checkpoint, a MODEL_DIR (latest committed step) or a MODEL_DIR step dir.
 
-    `abstract_params`, a tree of jax.ShapeDtypeStruct with shardings, restores sharded arrays.
+    `abstract_params`, a tree of jax.ShapeDtypeStruct with shardings, restores each array straight
+    into its sharding (each host reads only the shards its devices hold); None restores on host.
     """
-    directory = os.path.normpath(directory)
+    directory = storage.resolve(directory)
+    root = storage.Path(directory)
     step = None
-    m = _STEP_DIR.match(os.path.basename(directory))
-    if m and not os.path.exists(os.path.join(directory, CONFIG_FILE)):
-        described, params_dir, step = os.path.dirname(directory), directory, int(m.group(1))
-    elif os.path.isdir(os.path.join(directory, PARAMS_DIR)):
+    if is_step_dir(root):
+        m = _STEP_NAME.match(root.name)
+        if not ocp.step.is_path_finalized(root) or m.group(2) is not None:
+            raise ValueError(
+                f"{directory}: incomplete checkpoint (orbax never committed it; an interrupted "
+                f"save or a partial copy); load {root.parent} to use its newest committed step"
+            )
+        described, params_dir, step = str(root.parent), directory, int(m.group(1))
+    elif (root / PARAMS_DIR).is_dir():
         described, params_dir = directory, directory
     else:
         steps = step_dirs(directory)
         if not steps:
+            what = "no such directory" if not root.exists() else "no checkpoint inside"
             raise FileNotFoundError(
-                f"{directory}: no '{PARAMS_DIR}/' and no '{STEP_PREFIX}_<step>/' checkpoint inside"
+                f"{directory}: {what} (expected '{PARAMS_DIR}/' or committed "
+                f"'{STEP_PREFIX}_<step>/' directories)"
             )
         step = max(steps)
         described, params_dir = directory, steps[step]
     config, vocab_file, extra_ids = read_model_description(described)
     checkpointer = ocp.StandardCheckpointer()
-    params = checkpointer.restore(
-        os.path.abspath(os.path.join(params_dir, PARAMS_DIR)), abstract_params
-    )
+    params = checkpointer.restore(storage.join(params_dir, PARAMS_DIR), abstract_params)
     return NativeCheckpoint(config, params, vocab_file, extra_ids, step)
 
 
@@ -164,7 +196,7 @@ class CheckpointManager:
         best_metric: str | None = None,
         best_mode: str = "max",
     ) -> None:
-        self.model_dir = model_dir if "://" in model_dir else os.path.abspath(model_dir)
+        self.model_dir = storage.resolve(model_dir)
         self.save_interval_steps = save_interval_steps
         if config is not None and jax_process_index() == 0:
             write_model_description(self.model_dir, config, vocab_file, extra_ids)
@@ -181,7 +213,7 @@ class CheckpointManager:
         self.best_metric = best_metric
         self._best = None
         if best_metric is not None:
-            best_dir = os.path.join(self.model_dir, BEST_DIR)
+            best_dir = storage.join(self.model_dir, BEST_DIR)
             if config is not None and jax_process_index() == 0:
                 write_model_description(best_dir, config, vocab_file, extra_ids)
             self._best = ocp.CheckpointManager(
@@ -197,6 +229,9 @@ class CheckpointManager:
             )
 
     def latest_step(self) -> int | None:
+        """The newest committed step (orbax's test); newer uncommitted ones are named in a
+        warning by step_dirs."""
+        step_dirs(self.model_dir)  # warns about the skipped ones
         return self._manager.latest_step()
 
     def should_save(self, step: int) -> bool:

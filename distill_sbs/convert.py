@@ -15,16 +15,14 @@ d_model]; relative_attention_bias [buckets, heads] <-> rel_embedding [heads, buc
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from absl import app, flags
 
+from distill_sbs import storage
 from distill_sbs.network import T5Config
 
 # HF activation name -> ours ("gelu" is the tanh approximation, HF's "gelu_new")
@@ -218,8 +216,16 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def hf_state_dict_to_params(state_dict: dict[str, np.ndarray], config: T5Config) -> dict[str, Any]:
-    """Native params (nested dict of float32 numpy arrays) from a HF T5 state dict."""
+def hf_state_dict_to_params(
+    state_dict: Mapping[str, np.ndarray],
+    config: T5Config,
+    place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+) -> dict[str, Any]:
+    """Native params (nested dict of float32 numpy arrays) from a HF T5 state dict.
+
+    `state_dict` may read lazily (one tensor per lookup); `place(path, array)` (e.g. into a device
+    sharding) gets each converted parameter, so that the host holds one tensor at a time.
+    """
     params: dict[str, Any] = {}
     used = set(_IGNORED_HF_KEYS)
     for path, key, shape, to_native, _ in _entries(config):
@@ -234,7 +240,8 @@ def hf_state_dict_to_params(state_dict: dict[str, np.ndarray], config: T5Config)
                 f"HF tensor {key!r} has shape {tuple(x.shape)}, the config implies {shape}"
             )
         used.add(key)
-        _set(params, path, np.ascontiguousarray(to_native(x)))
+        y = np.ascontiguousarray(to_native(x))
+        _set(params, path, y if place is None else place(path, y))
     if config.logits_via_embedding:
         used.add("lm_head.weight")  # T5 1.0 checkpoints may carry the tied copy
     unexpected = sorted(set(state_dict) - used)
@@ -264,20 +271,49 @@ def params_to_hf_state_dict(params: Any, config: T5Config) -> dict[str, np.ndarr
 # ------------------------------------------------------------------------------------ folders
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+class _SafetensorsFile(Mapping):
+    """The tensors of one local .safetensors file, each read (memory-mapped) when looked up."""
 
-    out = {}
-    try:
-        with safe_open(path, framework="numpy") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    except (TypeError, ValueError):
-        # numpy has no bfloat16: read through jax, which has it
-        with safe_open(path, framework="flax") as f:
-            for k in f.keys():
-                out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
-    return out
+    def __init__(self, path: str) -> None:
+        from safetensors import safe_open
+
+        self._path = path
+        self._numpy = safe_open(path, framework="numpy")
+        self._keys = list(self._numpy.keys())
+        self._flax = None
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self._numpy.get_tensor(key)
+        except (TypeError, ValueError):
+            # numpy has no bfloat16: read through jax, which has it
+            from safetensors import safe_open
+
+            if self._flax is None:
+                self._flax = safe_open(self._path, framework="flax")
+            return np.asarray(self._flax.get_tensor(key), dtype=np.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class _Shards(Mapping):
+    """Tensors spread over several files (a HF sharded checkpoint), by name."""
+
+    def __init__(self, files: Sequence[Mapping[str, np.ndarray]]) -> None:
+        self._where = {k: f for f in files for k in f}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
@@ -288,57 +324,87 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
             f"{path}: reading pytorch_model.bin needs torch (pip install torch); "
             "or save the model with safetensors"
         ) from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(storage.local_file(path), map_location="cpu", weights_only=True)
     return {k: v.to(torch.float32).numpy() for k, v in state.items()}
 
 
-def read_hf_weights(path: str) -> dict[str, np.ndarray]:
-    """The state dict of a HF folder (single or sharded safetensors, or torch .bin)."""
+def _open_safetensors(path: str) -> Mapping[str, np.ndarray]:
+    # safetensors reads only local files (memory-mapped): a gs:// file is copied once into a
+    # local temporary file (storage.local_file), then read tensor by tensor from there.
+    return _SafetensorsFile(storage.local_file(path))
+
+
+def read_hf_weights(path: str) -> Mapping[str, np.ndarray]:
+    """The state dict of a HF folder (single or sharded safetensors, or torch .bin); safetensors
+    tensors are read when looked up."""
     readers = (
-        ("model.safetensors", _read_safetensors),
+        ("model.safetensors", _open_safetensors),
         ("pytorch_model.bin", _read_torch_bin),
     )
     for name, reader in readers:
-        single = os.path.join(path, name)
+        single = storage.join(path, name)
         index = single + ".index.json"
-        if os.path.exists(single):
+        if storage.exists(single):
             return reader(single)
-        if os.path.exists(index):
-            with open(index) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise ConversionError(f"{index}: not a HF index file ({e})") from e
-            out: dict[str, np.ndarray] = {}
-            for shard in sorted(set(weight_map.values())):
-                out.update(reader(os.path.join(path, shard)))
-            return out
+        if storage.exists(index):
+            try:
+                weight_map = storage.read_json(index)["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index}: not a HF index file ({e})") from e
+            shards = sorted(set(weight_map.values()))
+            return _Shards([reader(storage.join(path, shard)) for shard in shards])
     raise FileNotFoundError(
         f"{path}: no model.safetensors, pytorch_model.bin or their .index.json shards"
     )
 
 
-def load_hf_folder(path: str) -> tuple[T5Config, dict[str, Any], str | None]:
-    """(config, params, vocabulary file or None) of a HF T5ForConditionalGeneration folder."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
+def read_hf_config(path: str) -> T5Config:
+    """The T5Config of a HF T5ForConditionalGeneration folder."""
+    config_path = storage.join(path, "config.json")
+    if not storage.exists(config_path):
         raise FileNotFoundError(f"{config_path}: not found; is {path} a HF T5 folder?")
-    with open(config_path) as f:
-        try:
-            hf_config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{config_path}: invalid JSON: {e}") from e
     try:
-        config = hf_config_to_t5config(hf_config)
+        hf_config = storage.read_json(config_path)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    try:
+        return hf_config_to_t5config(hf_config)
     except ConversionError as e:
         raise ConversionError(f"{config_path}: {e}") from e
+
+
+def load_hf_folder(
+    path: str, abstract_params: Any = None
+) -> tuple[T5Config, dict[str, Any], str | None]:
+    """(config, params, vocabulary file or None) of a HF T5ForConditionalGeneration folder.
+
+    With `abstract_params` (jax.ShapeDtypeStructs with shardings) each parameter is put into its
+    sharding as soon as it is read, so the host never holds the whole model.
+    """
+    config = read_hf_config(path)
     state = read_hf_weights(path)
+    place = None if abstract_params is None else _placer(abstract_params)
     try:
-        params = hf_state_dict_to_params(state, config)
+        params = hf_state_dict_to_params(state, config, place)
     except ConversionError as e:
         raise ConversionError(f"{path}: {e}") from e
-    vocab = os.path.join(path, "spiece.model")
-    return config, params, vocab if os.path.exists(vocab) else None
+    vocab = storage.join(path, "spiece.model")
+    return config, params, vocab if storage.exists(vocab) else None
+
+
+def _placer(abstract_params: Any) -> Callable[[tuple[str, ...], np.ndarray], Any]:
+    """place(path, array) -> the array in the sharding `abstract_params` gives that path."""
+    import jax
+
+    def place(path: tuple[str, ...], x: np.ndarray) -> Any:
+        want = _get(abstract_params, path)
+        sharding = getattr(want, "sharding", None)
+        if sharding is None:
+            return x
+        # Each device gets only its slice (works when the sharding spans several hosts).
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return place
 
 
 def hf_to_native(hf_dir: str, out_dir: str) -> None:
@@ -350,19 +416,22 @@ def hf_to_native(hf_dir: str, out_dir: str) -> None:
 
 
 def native_to_hf(checkpoint: str, out_dir: str) -> None:
-    """Writes a native checkpoint (dir, MODEL_DIR or step dir) as a HF T5 folder."""
-    from safetensors.numpy import save_file
+    """Writes a native checkpoint (dir, MODEL_DIR or step dir) as a HF T5 folder (local or remote).
+
+    The weights are written last: a folder whose model.safetensors exists is complete.
+    """
+    from safetensors.numpy import save
 
     from distill_sbs import checkpoints
 
     ckpt = checkpoints.load_native(checkpoint)
     state = params_to_hf_state_dict(ckpt.params, ckpt.config)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(t5config_to_hf_config(ckpt.config), f, indent=2)
-    if ckpt.vocab_file is not None and os.path.exists(ckpt.vocab_file):
-        shutil.copyfile(ckpt.vocab_file, os.path.join(out_dir, "spiece.model"))
+    storage.write_json(storage.join(out_dir, "config.json"), t5config_to_hf_config(ckpt.config))
+    if ckpt.vocab_file is not None and storage.exists(ckpt.vocab_file):
+        storage.copy(ckpt.vocab_file, storage.join(out_dir, "spiece.model"))
+    storage.write_bytes(
+        storage.join(out_dir, "model.safetensors"), save(state, metadata={"format": "pt"})
+    )
 
 
 def _define_flags() -> None:

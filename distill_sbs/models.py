@@ -12,8 +12,6 @@ params_logical_axes and loss_fn; the batch's feature names are read here and in 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_sbs import decoding
+from distill_sbs import decoding, storage
 from distill_sbs.losses import ObjectiveLoss
 from distill_sbs.network import EOS_ID, PAD_ID, Packing, T5Config, Transformer
 
@@ -287,40 +285,63 @@ def _reorder_self_attention_cache(cache: Any, flat_indices: jax.Array) -> Any:
 
 
 def make_vocabulary(vocab_file: str | None, extra_ids: int = 100) -> seqio.Vocabulary | None:
-    if vocab_file is None or not os.path.exists(vocab_file):
+    """The SentencePiece vocabulary of a checkpoint; None when it names none. A named file that
+    is missing is an error (loading "no vocabulary" would fail later, or decode nonsense)."""
+    if vocab_file is None:
         return None
+    if not storage.exists(vocab_file):
+        raise FileNotFoundError(
+            f"{vocab_file}: the checkpoint's vocabulary is missing (its config.json names it); "
+            "copy the SentencePiece model there"
+        )
     import seqio
 
-    return seqio.SentencePieceVocabulary(vocab_file, extra_ids=extra_ids)
+    # seqio opens the model with tf.io.gfile; a local copy keeps every read on our storage layer.
+    return seqio.SentencePieceVocabulary(storage.local_file(vocab_file), extra_ids=extra_ids)
 
 
 def is_hf_folder(path: str) -> bool:
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        return False
+    config = storage.join(path, "config.json")
     try:
-        with open(config) as f:
-            return json.load(f).get("model_type") == "t5"
-    except (OSError, json.JSONDecodeError):
+        return storage.read_json(config).get("model_type") == "t5"
+    except (OSError, ValueError, AttributeError):
         return False
 
 
-def load(path: str, *, dtype: str | None = None) -> tuple[EncoderDecoderModel, Any]:
-    """(model, params) from a native checkpoint dir, MODEL_DIR, step dir or HF T5 folder.
+def read_config(path: str) -> T5Config:
+    """The T5Config of a checkpoint (native, MODEL_DIR, step dir or HF folder), no weights read."""
+    if is_hf_folder(path):
+        from distill_sbs import convert
+
+        return convert.read_hf_config(path)
+    from distill_sbs import checkpoints
+
+    root = storage.Path(storage.resolve(path))
+    described = str(root.parent) if checkpoints.is_step_dir(root) else str(root)
+    return checkpoints.read_model_description(described)[0]
+
+
+def load(
+    path: str, *, dtype: str | None = None, abstract_params: Any = None
+) -> tuple[EncoderDecoderModel, Any]:
+    """(model, params) from a native checkpoint dir, MODEL_DIR, step dir or HF T5 folder, local
+    or remote (gs://...).
 
     dtype overrides the activation dtype ("float32" or "bfloat16"); parameters stay float32.
+    abstract_params (jax.ShapeDtypeStructs with shardings) restores each parameter straight into
+    its sharding instead of whole on the host.
     """
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     if is_hf_folder(path):
         from distill_sbs import convert
 
-        config, params, vocab_file = convert.load_hf_folder(path)
+        config, params, vocab_file = convert.load_hf_folder(path, abstract_params)
         extra_ids = 100
     else:
         from distill_sbs import checkpoints
 
-        ckpt = checkpoints.load_native(path)
+        ckpt = checkpoints.load_native(path, abstract_params)
         config, params, vocab_file, extra_ids = (
             ckpt.config,
             ckpt.params,

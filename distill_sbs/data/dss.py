@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Callable
 
 from absl import logging
 
+from distill_sbs import storage
 from distill_sbs.data.records import Record, RecordError, TeacherSample, iter_json_lines
 from distill_sbs.parsing import normalize_choice_answer, parse_chain_of_thought
 
@@ -120,20 +120,20 @@ def detect_format(row: dict, where: str) -> RowFormatter:
 def data_file(directory: str, name: str, split: str) -> str:
     if split not in SPLIT_FILES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_FILES)}")
-    return os.path.join(directory, f"{name}_{SPLIT_FILES[split]}.json")
+    return storage.join(directory, f"{name}_{SPLIT_FILES[split]}.json")
 
 
 def llm_files(directory: str, split: str) -> list[str]:
     """The files llm/<split>_CoT_<i>.json in index order; their indices must be 0..n-1."""
-    llm_dir = os.path.join(directory, "llm")
-    if not os.path.isdir(llm_dir):
+    llm_dir = storage.join(directory, "llm")
+    if not storage.isdir(llm_dir):
         return []
     want = SPLIT_FILES[split]
     found = {}
-    for fname in os.listdir(llm_dir):
+    for fname in storage.listdir(llm_dir):
         m = _LLM_FILE.match(fname)
         if m and m.group("split") == want:
-            found[int(m.group("index"))] = os.path.join(llm_dir, fname)
+            found[int(m.group("index"))] = storage.join(llm_dir, fname)
     missing = [i for i in range(len(found)) if i not in found]
     if missing:
         raise RecordError(
@@ -147,8 +147,7 @@ def read_llm_outputs(files: list[str]) -> list[str]:
     outputs: list[str] = []
     for path in files:
         try:
-            with open(path, encoding="utf-8") as f:
-                items = json.load(f)
+            items = json.loads(storage.read_text(path))
         except json.JSONDecodeError as e:
             raise RecordError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(items, list):
@@ -162,8 +161,7 @@ def read_llm_outputs(files: list[str]) -> list[str]:
 
 def _read_rows(path: str) -> list[tuple[dict, str]]:
     """Rows of a data file: JSON lines (the release) or one JSON list (SVAMP.json style)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = storage.read_text(path)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -197,7 +195,7 @@ def read_dss_split(
     split has no llm/ files).
     """
     path = data_file(directory, name, split)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no such file (DSS layout: <dir>/<name>_<split>.json)")
     rows = _read_rows(path)
     files = llm_files(directory, split)
@@ -205,7 +203,7 @@ def read_dss_split(
     if outputs is not None and len(outputs) != len(rows):
         raise RecordError(
             f"{path}: {len(rows)} examples but {len(outputs)} teacher outputs in "
-            f"{os.path.dirname(files[0])}/{SPLIT_FILES[split]}_CoT_*.json "
+            f"{storage.Path(files[0]).parent}/{SPLIT_FILES[split]}_CoT_*.json "
             f"({len(files)} files); they must align one to one, in order"
         )
     fmt = formatter or FORMATS.get(name)

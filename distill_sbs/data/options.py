@@ -15,6 +15,7 @@ import os
 
 import gin
 
+from distill_sbs import storage
 from distill_sbs.errors import UserError
 
 DATA_DIR_ENV = "DISTILL_SBS_DATA_DIR"
@@ -88,9 +89,9 @@ def data_dir() -> str:
 
 def resolve_path(path: str) -> str:
     """An absolute path (or URL) unchanged; a relative one under data_dir()."""
-    if os.path.isabs(path) or "://" in path:
+    if storage.is_remote(path) or storage.Path(path).is_absolute():
         return path
-    return os.path.join(data_dir(), path)
+    return storage.join(data_dir(), path)
 
 
 def t5_vocab_path() -> str:

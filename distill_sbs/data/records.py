@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from distill_sbs import storage
 from distill_sbs.errors import UserError
 
 
@@ -148,7 +149,7 @@ def iter_json_lines(path: str | os.PathLike, what: str = "a line") -> Iterator[t
     """
     path = os.fspath(path)
     # surrogateescape: an undecodable byte is kept (as a lone surrogate) so that its line is known.
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with storage.Path(path).open("r", encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -190,11 +191,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
-    """Writes records one per line (UTF-8, non-ASCII kept as is)."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record_to_json(record), ensure_ascii=False) + "\n")
+    """Writes records one per line (UTF-8, non-ASCII kept as is), all at once: a reader never
+    sees half of the file (storage.write_text)."""
+    lines = (json.dumps(record_to_json(r), ensure_ascii=False) + "\n" for r in records)
+    storage.write_text(os.fspath(path), "".join(lines))

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import seqio
 
+from distill_sbs import storage
 from distill_sbs.data import options
 
 ASSETS_DIR = os.path.join(os.path.dirname(__file__), "assets")
@@ -70,7 +71,11 @@ class LazySentencePieceVocabulary(seqio.SentencePieceVocabulary):
 @functools.cache
 def t5_vocabulary() -> seqio.SentencePieceVocabulary:
     """T5's SentencePiece vocabulary with 100 extra ids (32,100 ids); path from DatasetOptions."""
-    return LazySentencePieceVocabulary(options.t5_vocab_path, extra_ids=100)
+    # seqio reads the model through tf.io.gfile: a remote file (gs://) is read once through the
+    # storage layer into a local copy instead.
+    return LazySentencePieceVocabulary(
+        lambda: storage.local_file(options.t5_vocab_path()), extra_ids=100
+    )
 
 
 @functools.cache

@@ -5,6 +5,9 @@ The key hashes (example id, teacher name, prompt text, sample index, generation 
 API key is never part of a line. Every line is flushed and fsynced before the next request is
 accounted for, so after a SIGKILL at most the line being written is torn; a torn last line is cut
 off when the cache is reopened.
+
+A remote cache (gs://...) is kept in a local copy (object stores cannot append) uploaded whole at
+most every PUSH_EVERY_S seconds and at close: a SIGKILL loses at most that many seconds of it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,12 @@ import hashlib
 import json
 import os
 import threading
+import time
 from typing import Any
+
+from distill_sbs import storage
+
+PUSH_EVERY_S = 30.0
 
 
 def request_key(
@@ -38,17 +46,22 @@ class RequestCache:
         self._entries: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.torn_lines_dropped = 0
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
+        self._mirror = None
+        self._local = path
+        if storage.is_remote(path):
+            name = storage.Path(path).name
+            self._mirror = storage.LocalMirror(str(storage.Path(path).parent), pull=(name,))
+            self._local = storage.join(self._mirror.local, name)
+        self._pushed_at = time.monotonic()
+        storage.makedirs(storage.Path(self._local).parent)
         self._load()
-        self._file = open(path, "a", encoding="utf-8")
+        self._file = storage.Path(self._local).open("a", encoding="utf-8")
 
     def _load(self) -> None:
-        if not os.path.exists(self.path):
+        local = storage.Path(self._local)
+        if not local.exists():
             return
-        with open(self.path, "rb") as f:
-            data = f.read()
+        data = local.read_bytes()
         lines = data.split(b"\n")
         # The last element is b"" when the file ends with a newline; otherwise it is a line the
         # previous run was killed while writing.
@@ -70,11 +83,11 @@ class RequestCache:
                 entry = json.loads(lines[-1])
                 self._entries[entry["key"]] = entry
                 good_end = len(data)  # complete JSON, only the newline was lost
-                with open(self.path, "ab") as f:
+                with local.open("ab") as f:
                     f.write(b"\n")
             except (ValueError, KeyError, TypeError):
                 self.torn_lines_dropped = 1
-                with open(self.path, "r+b") as f:
+                with local.open("r+b") as f:
                     f.truncate(good_end)
 
     def __len__(self) -> int:
@@ -95,11 +108,16 @@ class RequestCache:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._entries[key] = entry
+            if self._mirror is not None and time.monotonic() - self._pushed_at > PUSH_EVERY_S:
+                self._mirror.push()
+                self._pushed_at = time.monotonic()
 
     def close(self) -> None:
         with self._lock:
             if not self._file.closed:
                 self._file.close()
+                if self._mirror is not None:
+                    self._mirror.push()
 
     def __enter__(self) -> RequestCache:
         return self
