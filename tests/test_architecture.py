@@ -55,9 +55,23 @@ LAYERS: list[set[str]] = [
         "training",
         "paper",
         "memory",
+        "serve.protocol",
+        "serve.engine",
     },
     # 5: applications
-    {"comparison", "serve", "annotate", "sweep", "tasks", "data.report", ""},
+    {
+        "comparison",
+        "serve",
+        "serve.app",
+        "serve.server",
+        "serve.cli",
+        "serve.__main__",
+        "annotate",
+        "sweep",
+        "tasks",
+        "data.report",
+        "",
+    },
     # 6: command-line plumbing and launchers (`python -m distill_sbs.X`)
     {"cli", "train", "eval", "infer", "compare"},
 ]

@@ -1,0 +1,169 @@
+"""The batching engine of the server: the rows of all requests in batched generate calls, on one
+thread, scheduled fairly (round-robin over requests); a cancelled request stops at the next step."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from distill_sbs.generation import GeneratedText, GenerationParams, Generator, Token
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The engine holds max_queued_sequences already: answered 429 with Retry-After."""
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request's rows on their way through the batcher; `future` gets their outputs."""
+
+    prompts: list[str]
+    params: GenerationParams
+    seed: int
+    logprobs: bool
+    on_token: Callable[[int, str, Token], None] | None  # (row, text delta, token), streaming
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    next_row: int = 0  # rows handed to a batch so far
+    results: dict[int, GeneratedText] = dataclasses.field(default_factory=dict)
+
+
+class BatchingEngine:
+    """Runs the rows of all requests in batched generate calls, on one thread.
+
+    Scheduling is by sequences, not requests: each batch takes one row from each waiting request
+    (oldest first) in turn until it is full, among the requests whose decoding parameters match the
+    oldest one's, so a small request never waits behind all the rows of a huge one. A cancelled
+    request (its client went away) loses its queued rows and stops its running ones at the next
+    decoding step. Sampling within a batch shares one seed: that of the batch's oldest request.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        max_batch_size: int = 16,
+        batch_window_s: float = 0.005,
+        max_queued_sequences: int = 1024,
+    ):
+        self.generator = generator
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self.max_queued_sequences = max_queued_sequences
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self.queued = 0  # rows of all jobs not yet finished
+        self.batches_run = 0
+        self.rows_run = 0
+        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self,
+        prompts: Sequence[str],
+        params: GenerationParams,
+        seed: int,
+        *,
+        logprobs: bool = False,
+        on_token: Callable[[int, str, Token], None] | None = None,
+    ) -> Job:
+        """Queues `prompts`; the job's future gets their GeneratedText list, in order."""
+        job = Job(list(prompts), params, seed, logprobs, on_token)
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the engine is closed")
+            if self.queued + len(job.prompts) > self.max_queued_sequences:
+                raise QueueFull(f"{self.queued} sequences queued")
+            self.queued += len(job.prompts)
+            self._jobs.append(job)
+            self._cv.notify()
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                waiting = sum(len(j.prompts) - j.next_row for j in self._jobs)
+            if waiting < self.max_batch_size and self.batch_window_s:
+                time.sleep(self.batch_window_s)  # let concurrent requests join this batch
+            batch = self._take_batch()
+            if batch:
+                self._run(batch)
+
+    def _take_batch(self) -> list[tuple[Job, int]]:
+        """(job, row) pairs of the next batch, round-robin over the jobs that can share it."""
+        with self._cv:
+            for job in [j for j in self._jobs if j.cancelled.is_set()]:
+                self._finish(job, concurrent.futures.CancelledError())
+            pending = [j for j in self._jobs if j.next_row < len(j.prompts)]
+            if not pending:
+                return []
+            group = [j for j in pending if j.params == pending[0].params]
+            batch: list[tuple[Job, int]] = []
+            while len(batch) < self.max_batch_size and any(
+                j.next_row < len(j.prompts) for j in group
+            ):
+                for job in group:
+                    if len(batch) < self.max_batch_size and job.next_row < len(job.prompts):
+                        batch.append((job, job.next_row))
+                        job.next_row += 1
+            return batch
+
+    def _finish(self, job: Job, error: BaseException | None = None) -> None:
+        """Removes `job` (lock held) and resolves its future."""
+        self._jobs.remove(job)
+        self.queued -= len(job.prompts)
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result([job.results[i] for i in range(len(job.prompts))])
+
+    def _run(self, batch: list[tuple[Job, int]]) -> None:
+        def on_token(row: int, delta: str, token: Token) -> bool:
+            job, i = batch[row]
+            if job.cancelled.is_set():
+                return False
+            if job.on_token is not None:
+                job.on_token(i, delta, token)
+            return True
+
+        first = batch[0][0]
+        prompts = [job.prompts[i] for job, i in batch]
+        logprobs = any(job.logprobs for job, _ in batch)
+        try:
+            outs = self.generator.generate(
+                prompts, first.params, first.seed, logprobs=logprobs, on_token=on_token
+            )
+            error = None
+        except Exception as e:  # noqa: BLE001 - reported to each waiting request
+            logger.exception("generate failed")
+            outs, error = [], e
+        with self._cv:
+            self.batches_run += 1
+            self.rows_run += len(prompts)
+            for job, _ in batch:
+                if job in self._jobs and error is not None:
+                    self._finish(job, error)
+            for (job, i), out in zip(batch, outs, strict=False):
+                job.results[i] = out
+                if job in self._jobs and len(job.results) == len(job.prompts):
+                    self._finish(job)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+        with self._cv:
+            for job in list(self._jobs):
+                self._finish(job, RuntimeError("the server is shutting down"))
