@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +25,8 @@ import gin
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from distill_sbs.errors import UserError
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -50,20 +54,121 @@ FULLY_SHARDED_RULES: LogicalRules = tuple(
 )
 
 
-def maybe_initialize_distributed() -> None:
-    """Initialises jax.distributed when the job spans several hosts.
+# The variables that describe a cluster to jax.distributed (the names jax itself reads), and ours:
+# DISTILL_SBS_MULTIHOST=1 initialises with jax's own cluster detection (SLURM, TPU, MPI), and
+# DISTILL_SBS_INIT_TIMEOUT bounds the wait for every process to join (seconds).
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
+TIMEOUT_ENV = "DISTILL_SBS_INIT_TIMEOUT"
+DEFAULT_INIT_TIMEOUT = 300
+# Clusters whose layout jax.distributed reads by itself (SLURM, Open MPI, Cloud TPU).
+_DETECTED_CLUSTER_ENVS = ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES")
 
-    Cloud TPU VMs (TPU_WORKER_HOSTNAMES with more than one host) and explicit coordinator settings
-    (JAX_COORDINATOR_ADDRESS / DISTILL_SBS_MULTIHOST=1) both trigger it; single-host runs skip it.
-    Must run before any other jax call touches the devices.
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    """How this process joins a multi-process job; None fields are left to jax's detection."""
+
+    coordinator_address: str | None
+    num_processes: int | None
+    process_id: int | None
+    timeout_s: int
+
+
+def _env_int(env: Mapping[str, str], name: str, low: int, high: int | None = None) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value >= high):
+        bound = f"an integer >= {low}" + ("" if high is None else f" and < {high}")
+        raise UserError(f"{name}={raw!r} must be {bound}")
+    return value
+
+
+def cluster_spec(env: Mapping[str, str] | None = None) -> ClusterSpec | None:
+    """The multi-process settings in `env` (default os.environ), or None for a one-process run.
+
+    A job spans several processes when JAX_COORDINATOR_ADDRESS is set (with JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID, or jax's cluster detection filling them in), when DISTILL_SBS_MULTIHOST=1, or
+    on a Cloud TPU VM slice of several hosts (TPU_WORKER_HOSTNAMES). Bad values raise a UserError
+    naming the variable.
     """
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    multi_tpu = len([h for h in hosts.split(",") if h]) > 1
-    explicit = (
-        os.environ.get("DISTILL_SBS_MULTIHOST") == "1" or "JAX_COORDINATOR_ADDRESS" in os.environ
+    env = os.environ if env is None else env
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    address = env.get(COORDINATOR_ENV) or None
+    if not (address or env.get("DISTILL_SBS_MULTIHOST") == "1" or len(hosts) > 1):
+        return None
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"{COORDINATOR_ENV}={address!r} must be host:port")
+    num = _env_int(env, NUM_PROCESSES_ENV, 1)
+    pid = _env_int(env, PROCESS_ID_ENV, 0, num)
+    detectable = len(hosts) > 1 or any(k in env for k in _DETECTED_CLUSTER_ENVS)
+    if address and (num is None or pid is None) and not detectable:
+        raise UserError(
+            f"{COORDINATOR_ENV}={address} is set, so {NUM_PROCESSES_ENV} (how many processes) and "
+            f"{PROCESS_ID_ENV} (this one's index, 0..N-1) must be set too"
+        )
+    timeout = _env_int(env, TIMEOUT_ENV, 1)
+    return ClusterSpec(address, num, pid, DEFAULT_INIT_TIMEOUT if timeout is None else timeout)
+
+
+def _join_failed_message(spec: ClusterSpec) -> str:
+    who = ", ".join(
+        f"{name}={value}"
+        for name, value in (
+            (COORDINATOR_ENV, spec.coordinator_address),
+            (NUM_PROCESSES_ENV, spec.num_processes),
+            (PROCESS_ID_ENV, spec.process_id),
+        )
+        if value is not None
     )
-    if multi_tpu or explicit:
-        jax.distributed.initialize()
+    return (
+        f"error: jax.distributed did not start within {spec.timeout_s} s ({TIMEOUT_ENV}): "
+        f"not every process joined the coordinator ({who or 'cluster auto-detection'}); check "
+        "that all processes run, that process 0 can bind the address, and that the port is open"
+    )
+
+
+def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
+    """Initialises jax.distributed when the job spans several processes; True if it did.
+
+    Must run before any other jax call touches the devices. The wait for the other processes is
+    bounded: jax's own timeout would abort the process with a C++ stack trace, so a watchdog a
+    little ahead of it prints one error line naming the settings and exits with status 1.
+    """
+    spec = cluster_spec(env)
+    if spec is None:
+        return False
+    # Collectives between CPU processes (tests, `launch_local`) need an implementation; gloo ships
+    # with jaxlib (the default from jax 0.4.3x on, named here for older versions). GPU and TPU
+    # collectives do not use this setting.
+    if jax.config.jax_cpu_collectives_implementation in (None, "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+    def give_up() -> None:
+        print(_join_failed_message(spec), file=sys.stderr, flush=True)
+        os._exit(1)
+
+    watchdog = threading.Timer(spec.timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(
+            coordinator_address=spec.coordinator_address,
+            num_processes=spec.num_processes,
+            process_id=spec.process_id,
+            initialization_timeout=spec.timeout_s + 30,  # ours fires first, with a clear line
+        )
+    finally:
+        watchdog.cancel()
+    return True
 
 
 def create_mesh(

@@ -173,7 +173,7 @@ def setup(cfg: TrainConfig, partitioner: partitioning.Partitioner) -> Run:
     if cfg.batch_size % partitioner.data_size or cfg.batch_size % num_hosts:
         raise ValueError(
             f"BATCH_SIZE={cfg.batch_size} must be divisible by the data-parallel size "
-            f"{partitioner.data_size} and the number of hosts {num_hosts}"
+            f"{partitioner.data_size} and the number of processes {num_hosts} (JAX_NUM_PROCESSES)"
         )
     model_dir = cfg.model_dir
     if "://" not in model_dir:  # keep gs:// and other URLs as they are

@@ -73,7 +73,17 @@ LAYERS: list[set[str]] = [
         "",
     },
     # 6: command-line plumbing and launchers (`python -m distill_sbs.X`)
-    {"cli", "train", "eval", "infer", "compare"},
+    {
+        "cli",
+        "train",
+        "eval",
+        "infer",
+        "compare",
+        "launch",
+        "launch.local",
+        "launch.tpu_vm",
+        "launch.gpu",
+    },
 ]
 
 
