@@ -34,6 +34,7 @@ setup(
         "starlette>=0.40",
         "uvicorn>=0.30",
         "prometheus-client>=0.20",
+        "matplotlib>=3.8",  # distill_sbs.sweep: the reproduction plots (Agg backend, PNG files)
     ],
     extras_require={
         "test": [

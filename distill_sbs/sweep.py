@@ -21,8 +21,8 @@ seeds) and the plots (distill_sbs.sweep_report).
 Runs execute in this process, one after another (gin is cleared and re-parsed per run, and the
 JAX compilation cache under OUT/jax_cache spares recompiling the same shapes); --print_commands
 instead prints one command per unfinished run (`--only=<run>`) for a launcher, e.g.
-`--launcher="MODULE=distill_sbs.sweep launch/tpu_vm.sh my-tpu us-central2-b"`; a last run of the
-sweep without --print_commands then only collects.
+`--launcher="MODULE=distill_sbs.sweep launch/tpu_vm.sh my-tpu us-central2-b"`; --collect_only
+then writes the tables and plots of the finished runs (also while a sweep is still running).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import ast
 import dataclasses
 import itertools
 import json
-import logging
 import shlex
 import sys
 import time
@@ -39,10 +38,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import gin
-from absl import app, flags
+from absl import flags
 from etils import epath
 
 from distill_sbs import cli, sweep_report
+from distill_sbs.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Directory of the sweep: runs/, results.csv, results.md, plots.")
@@ -51,6 +51,7 @@ flags.DEFINE_string("metric", None, "Metric to report (default: the one of train
 flags.DEFINE_string("test_split", "test", "Split the selected checkpoint is scored on.")
 flags.DEFINE_multi_string("only", [], "Run only these runs (names as in OUT/runs/).")
 flags.DEFINE_boolean("print_commands", False, "Print a command per unfinished run; train nothing.")
+flags.DEFINE_boolean("collect_only", False, "Collect the finished runs' results; train nothing.")
 flags.DEFINE_string(
     "launcher", "python -m distill_sbs.sweep", "Command prefix for --print_commands."
 )
@@ -62,7 +63,7 @@ RESULT = "sweep_result.json"  # MODEL_DIR/sweep_result.json: its scores, written
 FILE_AXES = {"dataset": "paper/{}.gin", "model": "models/{}.gin"}
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A user error in the sweep's input: reported as one line, before training where possible."""
 
 
@@ -76,7 +77,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return ",".join(f"{a}={v}" for a, v in self.axes).replace("/", "_")
+        return ",".join(f"{a}={v}" for a, v in self.axes).replace("/", "_") or "run"
 
     def describe(self) -> dict:
         return {"axes": dict(self.axes), "gin_files": self.gin_files, "bindings": self.bindings}
@@ -163,7 +164,7 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
     gin.clear_config()
     try:
         cli.parse_gin(files, bindings)
-    except SystemExit as e:  # cli reports gin errors as SystemExit(message)
+    except (SystemExit, ValueError) as e:  # cli reports gin errors as UserError(message)
         raise SweepError(str(e)) from None
 
 
@@ -188,8 +189,8 @@ def plan(run: RunSpec, test_split: str) -> RunPlan:
     from distill_sbs.data import registry
 
     where = f"run {run.name}"
-    parse(run.gin_files, run.bindings)
     try:
+        parse(run.gin_files, run.bindings)
         mixture = _value("train.mixture_or_task_name")
         best = _optional("train.best_metric", None)
         eval_split = _optional("train.eval_split", "test")
@@ -197,8 +198,8 @@ def plan(run: RunSpec, test_split: str) -> RunPlan:
         scored = paper.scored_task(mixture)
         dataset, _ = registry.dataset_and_method(mixture)
         data.load_records(dataset, eval_split)  # the validation split exists (or is carved)
-    except (ValueError, KeyError) as e:
-        raise SweepError(f"{where}: {e}") from None
+    except (ValueError, KeyError) as e:  # UserError included
+        raise SweepError(f"{where}: {cli.one_line(e)}") from None
     if not best:
         raise SweepError(f"{where}: train.best_metric is not set; sweeps select checkpoints by it")
     if eval_split == test_split:
@@ -387,8 +388,6 @@ def sweep(argv: Sequence[str]) -> None:
 
     if not FLAGS.out:
         raise SweepError("--out is required")
-    if not FLAGS.gin_file:
-        raise SweepError("no --gin_file given")
     out = epath.Path(FLAGS.out)
     files, bindings = list(FLAGS.gin_file), list(FLAGS.gin_bindings)
     axes = parse_axes(FLAGS.axis)
@@ -410,55 +409,27 @@ def sweep(argv: Sequence[str]) -> None:
     if FLAGS.print_commands:
         print_commands(runs, out, argv)
         return
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).write_text(json.dumps({"gin_files": files, "bindings": bindings}, indent=2))
-    selected = [r for r in runs if not FLAGS.only or r.name in FLAGS.only]
-    run_all(selected, plans, out, FLAGS.test_split)
+    if not FLAGS.collect_only:
+        _use_compilation_cache(out)
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = {"gin_files": files, "bindings": bindings}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        selected = [r for r in runs if not FLAGS.only or r.name in FLAGS.only]
+        run_all(selected, plans, out, FLAGS.test_split)
     collect(runs, out, metric, FLAGS.title or out.name)
 
 
-def _use_compilation_cache(out: str) -> None:
+def _use_compilation_cache(out: epath.Path) -> None:
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(epath.Path(out) / "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", str(out / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-class _Quiet(logging.Filter):
-    """Drops seqio's advice that does not apply here (as the other entry points do)."""
-
-    PREFIXES = (
-        "Using an uncached FunctionDataset",
-        "Given sequence lengths are longer than necessary",
-        "'logger_cls' is empty",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.PREFIXES)
-
-
-def _main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise SystemExit(f"unknown argument(s): {list(argv[1:])}")
-    logging.getLogger("absl").addFilter(_Quiet())
-    cli.import_builtin_tasks()
-    if FLAGS.out and not FLAGS.print_commands:
-        _use_compilation_cache(FLAGS.out)
-    try:
-        sweep(sys.argv)
-    except SweepError as e:
-        raise SystemExit(f"sweep: {e}") from None
-
-
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-    rest = app.parse_flags_with_usage(cli.rewrite_gin_args(argv))
-    if FLAGS["verbosity"].using_default_value:  # as cli: warnings and errors only
-        FLAGS.verbosity = -1
-    return rest
-
-
 def main() -> None:
-    app.run(_main, flags_parser=_parse_flags)
+    # cli.run: absl flags, gin parsed once (the shared files and bindings: a typo fails here),
+    # user errors as one line and exit status 2.
+    cli.run(lambda: sweep(sys.argv))
 
 
 if __name__ == "__main__":

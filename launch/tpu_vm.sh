@@ -15,6 +15,7 @@ if [[ $# -lt 2 ]]; then
 fi
 TPU_NAME=$1; ZONE=$2; shift 2
 REPO=${REPO:-~/distill_sbs}
+MODULE=${MODULE:-distill_sbs.train}  # e.g. MODULE=distill_sbs.sweep for `sweep --print_commands`
 ARGS=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all \
-  --command "cd $REPO && python3 -m distill_sbs.train$ARGS"
+  --command "cd $REPO && python3 -m $MODULE$ARGS"

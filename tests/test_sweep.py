@@ -1,0 +1,249 @@
+"""distill_sbs.sweep: the grid, the checks made before any training (one clear error each), the
+deterministic validation carve-out, the report, and (slow) a sweep killed mid-way and rerun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import pytest
+
+from distill_sbs import cli, sweep, sweep_report
+
+MINI = "repro/arith_mini.gin"
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    cli.import_builtin_tasks()
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def test_grid_is_the_product_of_the_axes_with_files_and_literals():
+    axes = sweep.parse_axes(["dataset=cqa,svamp", "METHOD=dss", "TRAIN_FRACTION=0.125,1.0"])
+    runs = sweep.grid(["paper/base.gin"], ["X = 1"], axes)
+    assert [r.name for r in runs] == [
+        "dataset=cqa,METHOD=dss,TRAIN_FRACTION=0.125",
+        "dataset=cqa,METHOD=dss,TRAIN_FRACTION=1.0",
+        "dataset=svamp,METHOD=dss,TRAIN_FRACTION=0.125",
+        "dataset=svamp,METHOD=dss,TRAIN_FRACTION=1.0",
+    ]
+    assert runs[2].gin_files == ("paper/base.gin", "paper/svamp.gin")
+    assert runs[2].bindings == ("X = 1", "METHOD = 'dss'", "TRAIN_FRACTION = 0.125")
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("METHOD", "expected NAME=value1,value2"),
+        ("METHOD=", "expected NAME=value1,value2"),
+        ("SEED=1,1", "a value is repeated"),
+    ],
+)
+def test_malformed_axis_is_one_error(spec, message):
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.parse_axes([spec])
+
+
+def _plan(*bindings: str, files=(MINI,)):
+    run = sweep.grid(list(files), list(bindings), [])[0]
+    return sweep.plan(run, "test")
+
+
+def test_plan_of_the_miniature_selects_on_validation():
+    p = _plan("METHOD = 'dss'")
+    assert (p.mixture, p.best_metric, p.eval_split) == (
+        "arith_dss",
+        "arith_dss_label/numeric_accuracy",
+        "validation",
+    )
+
+
+@pytest.mark.parametrize(
+    "bindings,message",
+    [
+        (["METHOD = 'dsss'"], "METHOD='dsss' is not one of: finetune, distill, dss"),
+        (["METHOD = 'dss'", "TRAIN_FRACTION = 2.0"], r"train_fraction=2.0 not in \(0, 1\]"),
+        (["METHOD = 'dss'", "METRIC = 'accuracy'"], "is not a result of this run"),
+        (["METHOD = 'dss'", "train.eval_split = 'test'"], "select checkpoints on a validation"),
+        (["METHOD = 'dss'", "VALIDATION_FRACTION = 0.0"], "has no validation split"),
+    ],
+)
+def test_bad_run_config_is_one_error_naming_the_run(bindings, message):
+    with pytest.raises(sweep.SweepError, match=message) as e:
+        _plan(*bindings)
+    assert str(e.value).startswith("run ") and "\n" not in str(e.value)
+
+
+def test_axis_no_gin_file_defines_is_an_error():
+    with pytest.raises(sweep.SweepError, match="no gin file defines the macro LERNING_RATE"):
+        sweep.check_axes([MINI], [], sweep.parse_axes(["LERNING_RATE=1e-3"]))
+    with pytest.raises(sweep.SweepError, match="not found"):  # a dataset without paper/<d>.gin
+        sweep.parse(["paper/base.gin", "paper/imagenet.gin"], [])
+
+
+def test_out_dir_and_run_dir_of_another_sweep_are_errors(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / sweep.MANIFEST).write_text(json.dumps({"gin_files": ["a.gin"], "bindings": []}))
+    sweep.check_manifest(out, ["a.gin"], [])  # the same sweep: fine
+    with pytest.raises(sweep.SweepError, match="holds another sweep"):
+        sweep.check_manifest(out, [MINI], [])
+    run = sweep.grid([MINI], [], sweep.parse_axes(["SEED=0"]))[0]
+    run_dir = out / "runs" / run.name
+    run_dir.mkdir(parents=True)
+    sweep.check_run_dir(run_dir, run)  # empty: fine
+    (run_dir / "checkpoint_5").mkdir()
+    with pytest.raises(sweep.SweepError, match="without sweep_run.json"):
+        sweep.check_run_dir(run_dir, run)
+    other = sweep.grid([MINI], ["LEARNING_RATE = 1.0"], sweep.parse_axes(["SEED=0"]))[0]
+    (run_dir / sweep.RUN_MARKER).write_text(json.dumps(other.describe()))
+    with pytest.raises(sweep.SweepError, match="belongs to another sweep"):
+        sweep.check_run_dir(run_dir, run)
+
+
+def test_validation_is_carved_deterministically_from_train():
+    from distill_sbs import data
+    from distill_sbs.data import arith
+
+    full = [r.id for r in arith.generate("train")]
+    gin.parse_config(["DatasetOptions.validation_fraction = 0.1"])
+    train = [r.id for r in data.load_records("arith", "train")]
+    val = [r.id for r in data.load_records("arith", "validation")]
+    assert len(val) == 40 and len(train) == 360
+    assert set(train).isdisjoint(val) and sorted(train + val) == sorted(full)
+    assert train == [i for i in full if i in set(train)]  # original order kept
+    assert val == [r.id for r in data.load_records("arith", "validation")]  # deterministic
+    # train_fraction subsamples what is left after the carve-out, never the validation records
+    gin.parse_config(["DatasetOptions.train_fraction = 0.25"])
+    sub = [r.id for r in data.load_records("arith", "train", subsample=True)]
+    assert len(sub) == 90 and set(sub) <= set(train)
+    gin.clear_config()
+    with pytest.raises(ValueError, match="has no validation split"):
+        data.load_records("arith", "validation")
+
+
+def test_report_means_stds_and_plots(tmp_path):
+    rows = [
+        {"METHOD": m, "TRAIN_FRACTION": f, "SEED": s, "test_acc": v}
+        for m, f, s, v in [
+            ("dss", "0.5", "0", 50.0),
+            ("dss", "0.5", "1", 60.0),
+            ("dss", "1.0", "0", 70.0),
+            ("ft", "0.5", "0", 40.0),
+        ]
+    ]
+    axes = ["METHOD", "TRAIN_FRACTION", "SEED"]
+    got = {tuple(c.values()): v for c, v in sweep_report.cells(rows, axes, "test_acc")}
+    assert got == {("dss", "0.5"): [50.0, 60.0], ("dss", "1.0"): [70.0], ("ft", "0.5"): [40.0]}
+    sweep_report.write_markdown(tmp_path / "r.md", rows, axes, "test_acc", "t")
+    text = (tmp_path / "r.md").read_text()
+    assert "| dss | 0.5 | 55.00 +- 7.07 | 2 |" in text
+    assert "| ft | 0.5 | 40.00 +- 0.00 | 1 |" in text
+    assert sweep_report.plot(tmp_path, rows, axes, "test_acc", "t") == ["accuracy_vs_fraction.png"]
+    assert (tmp_path / "accuracy_vs_fraction.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _sweep_cmd(out, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "distill_sbs.sweep",
+        f"--gin_file={MINI}",
+        f"--out={out}",
+        "--axis=METHOD=finetune,dss",
+        "--axis=TRAIN_FRACTION=0.5,1.0",
+        "--gin.TRAIN_STEPS=6",
+        "--gin.EVAL_PERIOD=3",
+        "--gin.CHECKPOINT_PERIOD=3",
+        "--gin.BATCH_SIZE=8",
+        *extra,
+    ]
+
+
+@pytest.mark.slow  # a subprocess: ~40 s on a shared machine; the checks themselves are tested above
+def test_bad_input_stops_before_training_with_one_line(tmp_path, subprocess_env):
+    out = tmp_path / "out"
+    r = subprocess.run(
+        _sweep_cmd(out, "--axis=SEED=0", "--metric=accuracy"),
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        timeout=300,
+    )
+    assert r.returncode != 0
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: --metric=accuracy: run METHOD=finetune,TRAIN_FRACTION=0.5,SEED=0 reports only "
+        "numeric_accuracy"
+    )
+    assert not out.exists()  # nothing was trained or written
+
+
+def _wait_for(predicate, proc, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.5)
+    return False
+
+
+@pytest.mark.slow
+def test_sweep_killed_mid_way_and_rerun_has_every_run_once(tmp_path, subprocess_env):
+    out = tmp_path / "out"
+    runs = out / "runs"
+    proc = subprocess.Popen(
+        _sweep_cmd(out),
+        env=subprocess_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        # Kill it once the first run is finished and the second has saved a checkpoint.
+        second = runs / "METHOD=finetune,TRAIN_FRACTION=1.0"
+        assert _wait_for(lambda: (second / "checkpoint_3").exists(), proc, 400)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (runs / "METHOD=finetune,TRAIN_FRACTION=0.5" / sweep.RESULT).exists()
+    assert not (second / sweep.RESULT).exists()
+
+    r = subprocess.run(
+        _sweep_cmd(out), capture_output=True, text=True, env=subprocess_env, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "4 runs: 1 done, 3 to run" in r.stdout
+    assert f"resumed from {second}/checkpoint_" in r.stdout  # the interrupted run resumed
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["run"] for row in rows) == sorted(
+        f"METHOD={m},TRAIN_FRACTION={f}" for m in ("finetune", "dss") for f in ("0.5", "1.0")
+    )
+    assert (out / "accuracy_vs_fraction.png").read_bytes()[:4] == b"\x89PNG"
+    for row in rows:  # the test score is the one of the checkpoint selected on validation
+        result = json.loads((runs / row["run"] / sweep.RESULT).read_text())
+        assert result["selected_on"] == "validation" and result["test_split"] == "test"
+        assert float(row["test_numeric_accuracy"]) == pytest.approx(
+            next(iter(result["test"].values()))
+        )
+        assert int(row["best_step"]) in (3, 6)
+
+    again = subprocess.run(
+        _sweep_cmd(out), capture_output=True, text=True, env=subprocess_env, timeout=300
+    )
+    assert again.returncode == 0 and "4 runs: 4 done, 0 to run" in again.stdout
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
