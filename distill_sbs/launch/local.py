@@ -74,7 +74,7 @@ def run_commands(
     for t in relays:
         t.start()
     status = 0
-    while any(p.poll() is None for p in procs):
+    while [p.poll() for p in procs].count(None):  # poll every process, every round
         failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
         if failed and not status:
             status = failed[0]
