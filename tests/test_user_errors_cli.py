@@ -1,0 +1,91 @@
+"""Issue 9 through the launchers: a user error is one line `error: ...` and exit status 2, the
+traceback only with DISTILL_SBS_DEBUG=1; the DSS release trains offline with no variable but
+DISTILL_SBS_DATA_DIR. Each check is one subprocess (5-10 s of start-up each)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+TRAIN = [
+    "--gin_file=runs/train.gin",
+    "--gin_file=models/t5_1_1_tiny.gin",
+    "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
+]
+
+
+def _run(module, args, env, cwd, **extra_env):
+    out = subprocess.run(
+        [sys.executable, "-m", f"distill_sbs.{module}", *args],
+        env={**env, **extra_env},
+        cwd=str(cwd),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return out.returncode, out.stderr
+
+
+def _one_line_error(rc, stderr, message):
+    assert rc == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, stderr[-3000:]
+
+
+@pytest.fixture
+def env(subprocess_env):
+    return {k: v for k, v in subprocess_env.items() if k != "DISTILL_SBS_DEBUG"}
+
+
+def test_misspelled_macro_one_line_and_traceback_with_debug(tmp_path, env):
+    args = [*TRAIN, f"--gin.MODEL_DIR='{tmp_path}/run'", "--gin.TRAIN_STPES=2"]
+    rc, stderr = _run("train", args, env, tmp_path)
+    _one_line_error(rc, stderr, "gin macro TRAIN_STPES (did you mean TRAIN_STEPS?)")
+    rc, stderr = _run("train", args, env, tmp_path, DISTILL_SBS_DEBUG="1")
+    assert rc == 2 and "Traceback" in stderr and "UserError" in stderr, stderr[-3000:]
+
+
+def test_unknown_task_in_eval_is_one_line(tmp_path, env):
+    args = [
+        "--gin_file=runs/eval.gin",
+        f"--gin.CHECKPOINT_PATH='{tmp_path}/none'",
+        "--gin.MIXTURE_OR_TASK_NAME='arith_dsss'",
+    ]
+    rc, stderr = _run("eval", args, env, tmp_path)
+    _one_line_error(rc, stderr, "MIXTURE_OR_TASK_NAME='arith_dsss' is not a registered task")
+
+
+def test_non_utf8_input_of_infer_is_one_line(tmp_path, env):
+    (tmp_path / "in.jsonl").write_bytes(b'{"input": "a"}\n{"input": "caf\xe9"}\n')
+    args = [
+        "--gin_file=runs/infer.gin",
+        f"--gin.CHECKPOINT_PATH='{tmp_path}/none'",
+        f"--gin.INPUT_FILE='{tmp_path}/in.jsonl'",
+        f"--gin.OUTPUT_FILE='{tmp_path}/out.jsonl'",
+    ]
+    rc, stderr = _run("infer", args, env, tmp_path)
+    _one_line_error(rc, stderr, "in.jsonl:2: not valid UTF-8 (byte 0xe9")
+
+
+@pytest.mark.slow
+def test_dss_release_trains_offline_with_only_the_data_dir(tmp_path, env, dss_dir):
+    env = {k: v for k, v in env.items() if not k.startswith("DISTILL_SBS_")}
+    args = [
+        "--gin_file=runs/train.gin",
+        "--gin_file=models/t5_1_1_tiny.gin",
+        "--gin.MIXTURE_OR_TASK_NAME='cqa_dss'",
+        f"--gin.MODEL_DIR='{tmp_path}/run'",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.BATCH_SIZE=2",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}",
+        "--gin.EVAL_PERIOD=0",
+        "--gin.LOG_PERIOD=1",
+        "--gin.train.eval_at_end=False",
+    ]
+    rc, stderr = _run("train", args, env, tmp_path, DISTILL_SBS_DATA_DIR=str(dss_dir))
+    assert rc == 0, stderr[-3000:]
+    assert (tmp_path / "run" / "final_metrics.json").is_file()
+    assert (tmp_path / "run" / "config.gin").is_file()
