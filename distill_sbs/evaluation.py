@@ -13,6 +13,7 @@ import numpy as np
 import seqio
 from etils import epath
 
+from distill_sbs.errors import UserError
 from distill_sbs.generation import generate_ids
 
 
@@ -120,6 +121,45 @@ def evaluate_tasks(
     )
 
 
+def task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
+    """The targets vocabulary of a registered task or mixture; an unknown name is a UserError."""
+    try:
+        provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    except ValueError as e:
+        raise UserError(
+            f"MIXTURE_OR_TASK_NAME={mixture_or_task_name!r} is not a registered task or mixture "
+            "(register it, or import its module with MIXTURE_OR_TASK_MODULE)"
+        ) from e
+    return provider.output_features["targets"].vocabulary
+
+
+def _same_vocabulary(a: seqio.Vocabulary, b: seqio.Vocabulary) -> bool:
+    """Equal vocabularies; SentencePiece ones by model content and extra ids, not by file path."""
+    spm = seqio.SentencePieceVocabulary
+    if isinstance(a, spm) and isinstance(b, spm):
+        return a.sp_model == b.sp_model and a.extra_ids == b.extra_ids
+    return a == b
+
+
+def check_vocabulary(model: Any, mixture_or_task_name: str, checkpoint_path: str) -> None:
+    """The checkpoint's vocabulary must be the task's (else every prediction decodes to other
+    words and the metrics are silently 0); its model must have room for every task id."""
+    vocab = task_vocabulary(mixture_or_task_name)
+    size = model.config.vocab_size
+    if size < vocab.vocab_size:
+        raise UserError(
+            f"{checkpoint_path}: the model has {size} token ids, the vocabulary of "
+            f"{mixture_or_task_name} has {vocab.vocab_size}; use a checkpoint trained on this "
+            "task's vocabulary"
+        )
+    if model.vocabulary is not None and not _same_vocabulary(model.vocabulary, vocab):
+        raise UserError(
+            f"{checkpoint_path}: its vocabulary ({model.vocabulary.vocab_size} ids) is not the "
+            f"vocabulary of {mixture_or_task_name} ({vocab.vocab_size} ids); use a checkpoint "
+            "trained with this task's vocabulary"
+        )
+
+
 @gin.configurable
 def evaluate(
     checkpoint_path: str = gin.REQUIRED,
@@ -135,7 +175,9 @@ def evaluate(
     and one predictions JSONL per evaluated task there."""
     from distill_sbs import models
 
+    task_vocabulary(mixture_or_task_name)  # an unknown name fails before the model loads
     model, params = models.load(checkpoint_path)
+    check_vocabulary(model, mixture_or_task_name, checkpoint_path)
     metrics, outputs = evaluate_tasks(
         model,
         params,
@@ -147,7 +189,7 @@ def evaluate(
         num_examples=num_examples,
     )
     if not metrics:
-        raise SystemExit(f"{mixture_or_task_name}: no task with metrics has split {split!r}")
+        raise UserError(f"{mixture_or_task_name}: no task with metrics has split {split!r}")
     for k, v in sorted(metrics.items()):
         print(f"{k}: {v:.4f}")
     if output_dir:

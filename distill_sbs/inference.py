@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import gin
 from etils import epath
+
+from distill_sbs.errors import UserError
 
 
 def read_inputs(path: str) -> list[dict[str, Any]]:
@@ -50,6 +52,17 @@ def task_inputs(mixture_or_task_name: str, split: str) -> list[dict[str, Any]]:
     return rows
 
 
+def open_output(output_file: str) -> IO[str]:
+    """OUTPUT_FILE opened for writing (its folder made); a path that cannot be written is a
+    UserError."""
+    path = epath.Path(output_file)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path.open("w", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"OUTPUT_FILE={output_file}: cannot be written ({e})") from e
+
+
 @gin.configurable
 def infer(
     checkpoint_path: str = gin.REQUIRED,
@@ -70,40 +83,44 @@ def infer(
 ) -> list[dict[str, Any]]:
     """Predicts a label (and a rationale when asked) for each input; writes JSONL rows."""
     from distill_sbs import models
+    from distill_sbs.evaluation import check_vocabulary
     from distill_sbs.generation import generate_texts
 
     if (input_file is None) == (mixture_or_task_name is None):
-        raise SystemExit("infer: give exactly one of INPUT_FILE or MIXTURE_OR_TASK_NAME")
-    if input_file:
-        rows = read_inputs(input_file)
-        label_inputs = [label_prefix + r["input"] for r in rows]
-        raw_inputs = [r["input"] for r in rows]
-    else:  # the task's own inputs, prefix included; the rationale swaps the label prefix
-        rows = task_inputs(mixture_or_task_name, split)
-        label_inputs = [r["input"] for r in rows]
-        raw_inputs = [
-            t[len(label_prefix) :] if label_prefix and t.startswith(label_prefix) else t
-            for t in label_inputs
-        ]
-    model, params = models.load(checkpoint_path)
-    kwargs = dict(generate_kwargs or {}, method=method)
-    if method == "beam":
-        kwargs["num_beams"] = num_beams
+        raise UserError("infer: give exactly one of INPUT_FILE or MIXTURE_OR_TASK_NAME")
+    with open_output(output_file) as out:  # before any work: a bad path fails at once
+        if input_file:
+            rows = read_inputs(input_file)
+            label_inputs = [label_prefix + r["input"] for r in rows]
+            raw_inputs = [r["input"] for r in rows]
+        else:  # the task's own inputs, prefix included; the rationale swaps the label prefix
+            rows = task_inputs(mixture_or_task_name, split)
+            label_inputs = [r["input"] for r in rows]
+            raw_inputs = [
+                t[len(label_prefix) :] if label_prefix and t.startswith(label_prefix) else t
+                for t in label_inputs
+            ]
+        model, params = models.load(checkpoint_path)
+        if mixture_or_task_name:
+            check_vocabulary(model, mixture_or_task_name, checkpoint_path)
+        elif model.vocabulary is None:
+            raise UserError(f"{checkpoint_path}: the checkpoint has no vocabulary (spiece.model)")
+        kwargs = dict(generate_kwargs or {}, method=method)
+        if method == "beam":
+            kwargs["num_beams"] = num_beams
 
-    def run(texts: list[str], length: int) -> list[str]:
-        enc = model.encode_texts(texts, input_length)
-        return generate_texts(
-            model, params, enc, batch_size=batch_size, max_decode_length=length, **kwargs
-        )
+        def run(texts: list[str], length: int) -> list[str]:
+            enc = model.encode_texts(texts, input_length)
+            return generate_texts(
+                model, params, enc, batch_size=batch_size, max_decode_length=length, **kwargs
+            )
 
-    for row, text in zip(rows, run(label_inputs, max_decode_length), strict=True):
-        row["prediction"] = text
-    if rationale:
-        texts = [rationale_prefix + t for t in raw_inputs]
-        for row, text in zip(rows, run(texts, rationale_decode_length), strict=True):
-            row["rationale"] = text
-    out = epath.Path(output_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        for row, text in zip(rows, run(label_inputs, max_decode_length), strict=True):
+            row["prediction"] = text
+        if rationale:
+            texts = [rationale_prefix + t for t in raw_inputs]
+            for row, text in zip(rows, run(texts, rationale_decode_length), strict=True):
+                row["rationale"] = text
+        out.write("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} predictions to {output_file}")
     return rows

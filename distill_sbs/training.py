@@ -29,6 +29,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from distill_sbs import checkpoints, optimizers, partitioning
+from distill_sbs.errors import UserError
 from distill_sbs.evaluation import TaskEvaluator
 from distill_sbs.losses import summarize_metrics
 from distill_sbs.network import T5Config
@@ -81,8 +82,12 @@ def train(
     _hide_gpus_from_tensorflow()
     run = setup(cfg, partitioner)
     state, start_step, consumed = restore_state(run, cfg)
+    if start_step >= train_steps and (final := _final_metrics_of_finished_run(run)) is not None:
+        return final  # rerun of a finished run: nothing to train, final_metrics.json stays
+    drop_metrics_after(run.model_dir, start_step)  # a resume re-logs the steps after its checkpoint
     batches = train_batches(cfg, skip=consumed)
     writers = create_writers(run.model_dir)
+    save_operative_config(run.model_dir, writers.train, start_step)
     periodic_eval = PeriodicEval(cfg, run, writers.eval)
     end_step = (
         train_steps if stop_after_steps is None else min(train_steps, start_step + stop_after_steps)
@@ -209,8 +214,9 @@ def setup(cfg: TrainConfig, partitioner: partitioning.Partitioner) -> Run:
 
 
 def task_vocabulary(mixture_or_task_name: str) -> seqio.Vocabulary:
-    provider = seqio.get_mixture_or_task(mixture_or_task_name)
-    return provider.output_features["targets"].vocabulary
+    from distill_sbs import evaluation
+
+    return evaluation.task_vocabulary(mixture_or_task_name)  # an unknown name: a UserError
 
 
 def objectives_of(mixture_or_task_name: str) -> list[tuple[str, float]]:
@@ -449,6 +455,11 @@ class PeriodicEval:
         if cfg.eval_loss_batches:
             results.update(self.loss(step, params))
         print(f"step {step} eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+        if cfg.best_metric and cfg.best_metric not in results:
+            raise UserError(
+                f"train.best_metric={cfg.best_metric!r} is not an eval metric of "
+                f"{cfg.mixture_or_task_name}; use one of {sorted(results)}"
+            )
         self.writer.write_scalars(step, results)
         self.run.ckpt.save_best(step, params, results)
         return results
@@ -473,6 +484,51 @@ class PeriodicEval:
         out = summarize_metrics(sums, self.run.objective_names)
         out["loss"] = float(sums["loss_sum"]) / float(sums["num_steps"])
         return {f"eval_loss/{k}": v for k, v in out.items()}
+
+
+def _final_metrics_of_finished_run(run: Run) -> dict[str, float] | None:
+    """The final metrics a finished run wrote (None if it wrote none); closes the checkpoints."""
+    from etils import epath
+
+    path = epath.Path(run.model_dir) / FINAL_METRICS_FILE
+    if not path.exists():
+        return None
+    run.ckpt.close()
+    final = json.loads(path.read_text())
+    print(f"{run.model_dir} has finished training (step {final.get('step')}): see {path}")
+    return {k: v for k, v in final.items() if k != "step"}
+
+
+def drop_metrics_after(model_dir: str, step: int) -> None:
+    """Drops the train_metrics.jsonl lines of steps after `step` (logged after the checkpoint a
+    run resumes from; the resumed run logs them again)."""
+    from etils import epath
+
+    path = epath.Path(model_dir) / METRICS_FILE
+    if jax.process_index() != 0 or not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+
+
+OPERATIVE_CONFIG_FILE = "config.gin"
+
+
+def save_operative_config(model_dir: str, writer: metric_writers.MetricWriter, step: int) -> None:
+    """As T5X: the operative gin config (what the run used) in MODEL_DIR/config.gin and as text
+    in TensorBoard (train/, tag "gin/operative_config")."""
+    from etils import epath
+
+    if jax.process_index() != 0:
+        return
+    text = gin.operative_config_str()
+    (epath.Path(model_dir) / OPERATIVE_CONFIG_FILE).write_text(text)
+    # TensorBoard renders text as markdown: indent each line to keep the layout.
+    markdown = "\n".join("    " + ln for ln in text.splitlines())
+    writer.write_texts(step, {"gin/operative_config": markdown})
+    writer.flush()
 
 
 def finish(

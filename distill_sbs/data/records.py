@@ -148,13 +148,13 @@ def iter_json_lines(path: str | os.PathLike, what: str = "a line") -> Iterator[t
     and line.
     """
     path = os.fspath(path)
-    # surrogateescape: an undecodable byte is kept (as a lone surrogate) so that its line is known.
-    with storage.Path(path).open("r", encoding="utf-8", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, start=1):
+    # Bytes, decoded line by line: an undecodable byte is reported with its line.
+    with storage.Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            line = _decode_utf8(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
-            _check_utf8(line, where)
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
@@ -166,13 +166,12 @@ def iter_json_lines(path: str | os.PathLike, what: str = "a line") -> Iterator[t
             yield d, where
 
 
-def _check_utf8(line: str, where: str) -> None:
+def _decode_utf8(raw: bytes, where: str) -> str:
     try:
-        line.encode("utf-8")
-    except UnicodeEncodeError as e:
-        byte = ord(line[e.start]) - 0xDC00  # surrogateescape maps byte b to U+DC00 + b
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise RecordError(
-            f"{where}: not valid UTF-8 (byte 0x{byte:02x} at column {e.start + 1}); "
+            f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); "
             "re-encode the file as UTF-8"
         ) from None
 
