@@ -161,8 +161,13 @@ def load_native(directory: str, abstract_params: Any = None) -> NativeCheckpoint
         step = max(steps)
         described, params_dir = directory, steps[step]
     config, vocab_file, extra_ids = read_model_description(described)
-    checkpointer = ocp.StandardCheckpointer()
-    params = checkpointer.restore(storage.join(params_dir, PARAMS_DIR), abstract_params)
+    params_path = storage.join(params_dir, PARAMS_DIR)
+    if not ocp.step.is_path_finalized(params_path):  # e.g. no commit_success.txt on GCS
+        raise ValueError(
+            f"{params_path}: incomplete parameters (orbax never committed them; an interrupted "
+            "save or a partial copy)"
+        )
+    params = ocp.StandardCheckpointer().restore(params_path, abstract_params)
     return NativeCheckpoint(config, params, vocab_file, extra_ids, step)
 
 

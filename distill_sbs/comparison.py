@@ -4,12 +4,12 @@ majority-answer baseline it prints beside them."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 
 import gin
 
+from distill_sbs import storage
 from distill_sbs.training import train
 
 
@@ -30,7 +30,7 @@ def compare(
     for name, mixture in runs.items():
         print(f"=== {name}: {mixture} ===", flush=True)
         t0 = time.time()
-        final = train(model_dir=os.path.join(model_dir, name), mixture_or_task_name=mixture)
+        final = train(model_dir=storage.join(model_dir, name), mixture_or_task_name=mixture)
         results[name] = (mixture, final, time.time() - t0)
     print()
     print(f"{'student':<12} {'task':<20} {'metric':<36} {'value':>8} {'time':>8}")

@@ -11,8 +11,8 @@ from typing import Any
 import gin
 import numpy as np
 import seqio
-from etils import epath
 
+from distill_sbs import storage
 from distill_sbs.errors import UserError
 from distill_sbs.generation import generate_ids
 
@@ -193,10 +193,9 @@ def evaluate(
     for k, v in sorted(metrics.items()):
         print(f"{k}: {v:.4f}")
     if output_dir:
-        out = epath.Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         summary = {"checkpoint": checkpoint_path, "split": split, **metrics}
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        storage.write_json(storage.join(output_dir, "metrics.json"), summary)
         for task, rows in outputs.items():
-            (out / f"{task}.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            text = "".join(json.dumps(r) + "\n" for r in rows)
+            storage.write_text(storage.join(output_dir, f"{task}.{split}.jsonl"), text)
     return metrics

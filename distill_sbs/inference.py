@@ -11,13 +11,12 @@ inputs are used as the task built them. With RATIONALE=True the rationale is gen
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from typing import IO, Any
 
 import gin
-from etils import epath
 
+from distill_sbs import storage
 from distill_sbs.errors import UserError
 
 
@@ -31,7 +30,7 @@ def read_inputs(path: str) -> list[dict[str, Any]]:
             raise RecordError(f"{where}: expected an object with a string field 'input'")
         lineno = where.rsplit(":", 1)[1]
         rows.append(
-            {"id": obj.get("id", f"{os.path.basename(path)}-{lineno}"), "input": obj["input"]}
+            {"id": obj.get("id", f"{storage.Path(path).name}-{lineno}"), "input": obj["input"]}
         )
     return rows
 
@@ -55,9 +54,9 @@ def task_inputs(mixture_or_task_name: str, split: str) -> list[dict[str, Any]]:
 def open_output(output_file: str) -> IO[str]:
     """OUTPUT_FILE opened for writing (its folder made); a path that cannot be written is a
     UserError."""
-    path = epath.Path(output_file)
+    path = storage.Path(output_file)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(path.parent)
         return path.open("w", encoding="utf-8")
     except OSError as e:
         raise UserError(f"OUTPUT_FILE={output_file}: cannot be written ({e})") from e

@@ -17,6 +17,7 @@ import atexit
 import functools
 import json
 import os
+import pathlib
 import shutil
 import tempfile
 import uuid
@@ -42,7 +43,7 @@ def resolve(path: PathLike) -> str:
 
 
 def join(path: PathLike, *parts: str) -> str:
-    """`path/part/...` as a string; keeps a URL's `//` (os.path.normpath would not)."""
+    """`path/part/...` as a string; keeps a URL's `//` (a path normalisation would not)."""
     return os.fspath(epath.Path(path).joinpath(*parts))
 
 
@@ -68,7 +69,31 @@ def listdir(path: PathLike) -> list[str]:
 
 
 def makedirs(path: PathLike) -> None:
+    """Makes a local directory and its parents. An object store (gs://) has no directories: its
+    bucket is checked instead (never created, as a file system's mkdir of the bucket would)."""
+    if is_remote(path):
+        check_bucket(path)
+        return
     epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+_checked_buckets: set[str] = set()
+
+
+def check_bucket(path: PathLike) -> None:
+    """Raises FileNotFoundError naming `path` when its bucket does not exist or cannot be read."""
+    text = os.fspath(path)
+    scheme, _, rest = text.partition("://")
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    if bucket in _checked_buckets:
+        return
+    try:
+        found = epath.Path(bucket).exists()
+    except Exception as e:  # noqa: BLE001 - each client raises its own error types
+        raise FileNotFoundError(f"{text}: bucket {bucket} cannot be read ({e})") from e
+    if not found:
+        raise FileNotFoundError(f"{text}: bucket {bucket} does not exist or is not accessible")
+    _checked_buckets.add(bucket)
 
 
 def read_text(path: PathLike) -> str:
@@ -104,7 +129,7 @@ def write_text(path: PathLike, text: str) -> None:
     already all-or-nothing.
     """
     p = epath.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    makedirs(p.parent)
     if is_remote(path):
         p.write_text(text, encoding="utf-8")
         return
@@ -120,7 +145,7 @@ def write_text(path: PathLike, text: str) -> None:
 def write_bytes(path: PathLike, data: bytes) -> None:
     """Like write_text, for bytes."""
     p = epath.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    makedirs(p.parent)
     if is_remote(path):
         p.write_bytes(data)
         return
@@ -139,7 +164,7 @@ def write_json(path: PathLike, value: Any) -> None:
 
 def copy(src: PathLike, dst: PathLike) -> None:
     """Copies one file, local or remote on either side, streaming (never whole in memory)."""
-    epath.Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    makedirs(epath.Path(dst).parent)
     with epath.Path(src).open("rb") as fin, epath.Path(dst).open("wb") as fout:
         shutil.copyfileobj(fin, fout, length=16 << 20)
 
@@ -189,7 +214,7 @@ class LocalMirror:
 
     def push(self) -> None:
         """Uploads every file that changed since the last push."""
-        root = epath.Path(self.local)
+        root = pathlib.Path(self.local)  # our own local directory
         for path in root.rglob("*"):
             if path.is_dir():
                 continue

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 
 import sentencepiece as spm
 
+from distill_sbs import storage
 from distill_sbs.data import arith, preprocessors
 from distill_sbs.data.vocab import ARITH_SPM
 
@@ -56,9 +56,7 @@ def build(path: str = ARITH_SPM, vocab_size: int = VOCAB_SIZE) -> None:
         num_threads=1,
         minloglevel=2,
     )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
+    storage.write_bytes(path, model.getvalue())
 
 
 def main() -> None:

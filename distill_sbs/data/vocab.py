@@ -12,7 +12,7 @@ from distill_sbs import storage
 from distill_sbs.data import options
 
 ASSETS_DIR = os.path.join(os.path.dirname(__file__), "assets")
-ARITH_SPM = os.path.join(ASSETS_DIR, "arith_spm.model")
+ARITH_SPM = storage.join(ASSETS_DIR, "arith_spm.model")
 
 
 class LazySentencePieceVocabulary(seqio.SentencePieceVocabulary):
@@ -81,7 +81,7 @@ def t5_vocabulary() -> seqio.SentencePieceVocabulary:
 @functools.cache
 def arith_vocabulary() -> seqio.SentencePieceVocabulary:
     """The small vocabulary shipped for the embedded dataset `arith` (no extra ids)."""
-    if not os.path.exists(ARITH_SPM):
+    if not storage.exists(ARITH_SPM):
         raise FileNotFoundError(
             f"{ARITH_SPM} is missing; build it with `python -m distill_sbs.data.build_assets`"
         )

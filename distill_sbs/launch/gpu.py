@@ -21,6 +21,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from distill_sbs import storage
+
 DEFAULT_PORT = 12355
 
 
@@ -140,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(script + "\n" + shlex.join(submit))
         return 0
-    with open(args.script, "w") as f:
+    with storage.Path(args.script).open("w") as f:
         f.write(script)
     return subprocess.run(submit, check=False).returncode
 

@@ -30,6 +30,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from distill_sbs import storage
+
 WORKER_LOG = "~/distill_sbs.log"
 # States of a TPU VM after which it never runs again: it must be deleted and created anew.
 DEAD_STATES = ("PREEMPTED", "TERMINATED", "NOT_FOUND")
@@ -118,7 +120,7 @@ def run_logged(runner: Runner, cmd: list[str], log_file: str | None, dry_run: bo
     """Runs `cmd`, streaming its output to stdout and appending it to `log_file`."""
     if dry_run or not log_file:
         return runner(cmd, False).returncode
-    with open(log_file, "a") as log:
+    with storage.Path(log_file).open("a") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             sys.stdout.write(line)

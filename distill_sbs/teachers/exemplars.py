@@ -9,7 +9,8 @@ for arith). A user file is JSONL, one {"input": ..., "rationale": ..., "answer":
 from __future__ import annotations
 
 import dataclasses
-import os
+
+from distill_sbs import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +153,7 @@ def get_exemplars(name_or_path: str) -> list[Exemplar]:
     """Built-in exemplars of a dataset (cqa, svamp, esnli, anli1, arith) or a JSONL file's."""
     if name_or_path in BUILTIN:
         return list(BUILTIN[name_or_path])
-    if os.path.exists(name_or_path):
+    if storage.exists(name_or_path):
         return load_exemplars(name_or_path)
     raise ValueError(
         f"exemplars {name_or_path!r}: neither a built-in set ({sorted(BUILTIN)}) nor a file"
