@@ -9,9 +9,10 @@ into tables and plots.
 
 An axis is NAME=v1,v2,...: `dataset` and `model` add the gin file paper/<v>.gin or models/<v>.gin;
 any other NAME is a gin macro of the files (METHOD, TRAIN_FRACTION, SEED, LEARNING_RATE, ...) or a
-`configurable.parameter`, bound to each value (a Python literal, else a string). The grid is the
-product of the axes, in the order given. Each run trains in OUT/runs/<axis=value,...>/ with
-`distill_sbs.training.train`, which keeps the checkpoint with the best `train.best_metric` on
+`configurable.parameter`, bound to each value (a Python literal, else a string); a linked axis
+NAME1+NAME2=a1:b1,a2:b2 moves names together (model+PRETRAINED_DIR=t5_1_1_base:/ckpt/base,...). The
+grid is the product of the axes, in the order given. Each run trains in OUT/runs/<axis=value,...>/
+with `distill_sbs.training.train`, which keeps the checkpoint with the best `train.best_metric` on
 `train.eval_split` (the validation split: paper/base.gin carves one from train where a dataset has
 none) in MODEL_DIR/best/; that checkpoint is then scored on the test split and the scores are
 written to MODEL_DIR/sweep_result.json. Rerunning the same command skips finished runs and resumes
@@ -98,20 +99,27 @@ class RunPlan:
 # ---- the grid ---------------------------------------------------------------------------------
 
 
-def parse_axes(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """[(name, [value, ...])] of --axis=NAME=v1,v2 flags."""
-    axes = []
+def parse_axes(specs: Sequence[str]) -> list[tuple[tuple[str, ...], list[tuple[str, ...]]]]:
+    """[(names, [values, ...])] of --axis=NAME=v1,v2 flags; a linked axis NAME1+NAME2=a1:b1,a2:b2
+    moves several names together (e.g. a model size and its pretrained checkpoint)."""
+    axes: list = []
+    seen: set[str] = set()
     for spec in specs:
-        name, sep, values = spec.partition("=")
-        name = name.strip()
-        items = [v.strip() for v in values.split(",") if v.strip()]
-        if not sep or not name or not items:
+        key, sep, values = spec.partition("=")
+        names = tuple(n.strip() for n in key.split("+"))
+        # The last part keeps any further ':' (model+PRETRAINED_DIR=base:gs://bucket/base).
+        split = [v.split(":", len(names) - 1) for v in values.split(",") if v.strip()]
+        items = [tuple(p.strip() for p in parts) for parts in split]
+        if not sep or not all(names) or not items:
             raise SweepError(f"--axis={spec}: expected NAME=value1,value2,...")
-        if name in {a for a, _ in axes}:
-            raise SweepError(f"--axis {name} given twice")
+        if len(names) > 1 and any(len(i) != len(names) for i in items):
+            raise SweepError(f"--axis={spec}: each value needs {len(names)} parts joined by ':'")
+        if seen & set(names):
+            raise SweepError(f"--axis {', '.join(sorted(seen & set(names)))} given twice")
         if len(set(items)) != len(items):
             raise SweepError(f"--axis={spec}: a value is repeated")
-        axes.append((name, items))
+        seen |= set(names)
+        axes.append((names, items))
     return axes
 
 
@@ -124,20 +132,19 @@ def _literal(text: str) -> str:
         return repr(text)
 
 
-def grid(
-    gin_files: Sequence[str], bindings: Sequence[str], axes: Sequence[tuple[str, list[str]]]
-) -> list[RunSpec]:
+def grid(gin_files: Sequence[str], bindings: Sequence[str], axes: Sequence) -> list[RunSpec]:
     """The runs of the product of the axes (the last axis varies fastest)."""
     runs = []
     for values in itertools.product(*(v for _, v in axes)):
-        files, binds = list(gin_files), list(bindings)
-        for (axis, _), value in zip(axes, values, strict=True):
-            if axis in FILE_AXES:
-                files.append(FILE_AXES[axis].format(value))
-            else:
-                binds.append(f"{axis} = {_literal(value)}")
-        pairs = tuple((a, v) for (a, _), v in zip(axes, values, strict=True))
-        runs.append(RunSpec(pairs, tuple(files), tuple(binds)))
+        files, binds, pairs = list(gin_files), list(bindings), []
+        for (names, _), parts in zip(axes, values, strict=True):
+            for axis, value in zip(names, parts, strict=True):
+                if axis in FILE_AXES:
+                    files.append(FILE_AXES[axis].format(value))
+                else:
+                    binds.append(f"{axis} = {_literal(value)}")
+                pairs.append((axis, value))
+        runs.append(RunSpec(tuple(pairs), tuple(files), tuple(binds)))
     return runs
 
 
@@ -171,7 +178,7 @@ def parse(files: Sequence[str], bindings: Sequence[str]) -> None:
 def check_axes(gin_files, bindings, axes) -> None:
     """Every macro axis names a macro the gin files define (gin accepts unused macros silently)."""
     parse(gin_files, bindings)
-    for name, _ in axes:
+    for name in (n for names, _ in axes for n in names):
         if name in FILE_AXES or "." in name:
             continue  # files are checked when parsed; gin checks configurable.parameter names
         try:

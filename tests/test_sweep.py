@@ -40,9 +40,26 @@ def test_grid_is_the_product_of_the_axes_with_files_and_literals():
     assert runs[2].bindings == ("X = 1", "METHOD = 'dss'", "TRAIN_FRACTION = 0.125")
 
 
+def test_linked_axis_moves_a_model_with_its_checkpoint():
+    axes = sweep.parse_axes(
+        ["model+PRETRAINED_DIR=t5_1_1_base:/c/base,t5_1_1_large:gs://b/large", "SEED=0,1"]
+    )
+    runs = sweep.grid(["paper/base.gin"], [], axes)
+    assert len(runs) == 4
+    assert runs[3].axes == (
+        ("model", "t5_1_1_large"),
+        ("PRETRAINED_DIR", "gs://b/large"),
+        ("SEED", "1"),
+    )
+    assert runs[3].gin_files == ("paper/base.gin", "models/t5_1_1_large.gin")
+    assert runs[3].bindings == ("PRETRAINED_DIR = 'gs://b/large'", "SEED = 1")
+    assert sweep.parse_axes(["PRETRAINED_DIR=gs://b/x"])[0][1] == [("gs://b/x",)]
+
+
 @pytest.mark.parametrize(
     "spec,message",
     [
+        ("model+PRETRAINED_DIR=t5_1_1_base", "each value needs 2 parts"),
         ("METHOD", "expected NAME=value1,value2"),
         ("METHOD=", "expected NAME=value1,value2"),
         ("SEED=1,1", "a value is repeated"),
