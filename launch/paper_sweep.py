@@ -5,7 +5,9 @@ dataset x method x model x train fraction, each in its own MODEL_DIR.
         --datasets=cqa,svamp --models t5_1_1_base --fractions 0.125,1.0
 
 The grid's tables live in distill_sbs/paper.py; each command composes paper/base.gin, the
-dataset's gin file and a model size (see there).
+dataset's gin file and a model size (see there). To reproduce tables and figures (checkpoints
+selected on validation, the test split scored, results.csv/md and plots collected), use
+`python -m distill_sbs.sweep` (docs/reproduction.md).
 """
 
 from __future__ import annotations
