@@ -104,9 +104,25 @@ class ObjectiveLoss:
     weights: Sequence[float] = (1.0,)  # stored as a tuple of floats (hashable, static under jit)
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    # Distillation terms: gamma_k per objective (empty: none), added as gamma_k * mean_k(D)
+    # over the same tokens and denominators as the CE (see distillation_divergence for the rest).
+    divergence_weights: Sequence[float] = ()
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    scale_by_t2: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        gammas = tuple(float(w) for w in self.divergence_weights)
+        object.__setattr__(self, "divergence_weights", gammas)
+        if gammas and len(gammas) != len(self.weights):
+            raise ValueError(f"{len(gammas)} divergence weights for {len(self.weights)} objectives")
+
+    @property
+    def distills(self) -> bool:
+        """Whether the loss has a divergence term (then it needs the teacher's distributions)."""
+        return any(g != 0.0 for g in self.divergence_weights)
 
     @property
     def num_objectives(self) -> int:
@@ -123,9 +139,11 @@ class ObjectiveLoss:
         logits: jax.Array,
         batch: Mapping[str, jax.Array],
         token_counts: jax.Array | None = None,
+        teacher: jax.Array | TopK | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(loss, metric sums) of `logits` [batch, length, vocab] against the batch's targets."""
-        return weighted_objective_loss(
+        """(loss, metric sums) of `logits` [batch, length, vocab] against the batch's targets;
+        `teacher` (full logits or top-k, see distillation_divergence) when `distills`."""
+        loss, metrics = weighted_objective_loss(
             logits,
             batch["decoder_target_tokens"],
             batch["decoder_loss_weights"],
@@ -135,6 +153,26 @@ class ObjectiveLoss:
             z_loss=self.z_loss,
             token_counts=token_counts,
         )
+        if not self.distills:
+            return loss, metrics
+        if teacher is None:
+            raise ValueError("ObjectiveLoss has divergence weights but no teacher was given")
+        per_token = distillation_divergence(
+            logits,
+            teacher,
+            kind=self.divergence,
+            beta=self.beta,
+            temperature=self.temperature,
+            scale_by_t2=self.scale_by_t2,
+        )
+        k = self.num_objectives
+        onehot = jax.nn.one_hot(objective_ids(batch), k, dtype=jnp.float32)
+        onehot = onehot * batch["decoder_loss_weights"].astype(jnp.float32)[..., None]
+        div_sum = jnp.einsum("blk,bl->k", onehot, per_token)
+        counts = jnp.sum(onehot, axis=(0, 1)) if token_counts is None else token_counts
+        gammas = jnp.asarray(self.divergence_weights, jnp.float32)
+        per_objective = jnp.where(counts > 0, div_sum / jnp.maximum(counts, 1e-8), 0.0)
+        return loss + jnp.sum(gammas * per_objective), dict(metrics, div_sum=div_sum)
 
 
 def summarize_metrics(
@@ -147,5 +185,103 @@ def summarize_metrics(
         if n > 0:
             out[f"{name}/loss"] = float(sums["ce_sum"][i]) / n
             out[f"{name}/accuracy"] = float(sums["correct"][i]) / n
+            if "div_sum" in sums:  # the distillation divergence's token mean
+                out[f"{name}/divergence"] = float(sums["div_sum"][i]) / n
         out[f"{name}/tokens"] = n
     return out
+
+
+# ---- distillation divergences (docs/distillation.md) ------------------------------------------
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+TopK = tuple  # (ids int [..., k], log-probs float [..., k]): a teacher's k most likely tokens
+_REST_MIN = 1e-6  # least rest mass of a top-k teacher with k < vocab (its stored log-probs
+# are rounded, so their sum may reach 1; a zero rest would make reverse KL infinite)
+
+
+def _bucket_log_probs(
+    student_logits: jax.Array, ids: jax.Array, teacher_logprobs: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(teacher, student) log-probabilities [..., k + 1] over the k top-k ids plus one bucket
+    holding everything else; both sides at temperature 1 (an empty bucket is -inf)."""
+    vocab, k = student_logits.shape[-1], ids.shape[-1]
+    log_q = jax.nn.log_softmax(student_logits, axis=-1)
+    q_top = jnp.take_along_axis(log_q, ids, axis=-1)  # [..., k]
+    # The student's rest mass as a logsumexp over the ids outside the top-k (no 1 - sum).
+    lead = jnp.indices(ids.shape, sparse=True)[:-1]
+    in_top = jnp.zeros(student_logits.shape, bool).at[(*lead, ids)].set(True)
+    has_rest = ~jnp.all(in_top, axis=-1, keepdims=True)
+    # All-masked rows get a dummy input so that logsumexp's gradient stays finite.
+    rest_in = jnp.where(has_rest, jnp.where(in_top, -jnp.inf, log_q), 0.0)
+    q_rest = jax.nn.logsumexp(rest_in, axis=-1, keepdims=True)
+    q_rest = jnp.where(has_rest, q_rest, -jnp.inf)
+    rest_mass = 1.0 - jnp.sum(jnp.exp(teacher_logprobs), axis=-1, keepdims=True)
+    # k = vocab: nothing is left over, whatever the rounding of the stored log-probs says.
+    rest_mass = jnp.clip(rest_mass, _REST_MIN, 1.0) if k < vocab else jnp.zeros_like(rest_mass)
+    p_rest = jnp.where(rest_mass > 0, jnp.log(jnp.where(rest_mass > 0, rest_mass, 1.0)), -jnp.inf)
+    return (
+        jnp.concatenate([teacher_logprobs, p_rest], axis=-1),
+        jnp.concatenate([q_top, q_rest], axis=-1),
+    )
+
+
+def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """sum_c p_c (log p_c - log q_c) over the last axis; classes with p_c = 0 add 0."""
+    present = log_p > -jnp.inf
+    lp = jnp.where(present, log_p, 0.0)  # double where: no NaN gradient from the 0 * inf branch
+    lq = jnp.where(present, log_q, 0.0)
+    return jnp.sum(jnp.where(present, jnp.exp(lp) * (lp - lq), 0.0), axis=-1)
+
+
+def distillation_divergence(
+    student_logits: jax.Array,
+    teacher: jax.Array | TopK,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    scale_by_t2: bool = False,
+) -> jax.Array:
+    """float32 [...]: divergence per token between the teacher's (P) and student's (Q)
+    next-token distributions at `temperature`.
+
+    student_logits: [..., vocab]. teacher: full logits [..., vocab], or (ids [..., k], log-probs
+    [..., k]) of its top-k tokens: then both distributions are first reduced to k + 1 classes,
+    the k ids and one bucket for the rest of the mass (exact when k = vocab), and tempered over
+    those classes (p_c^(1/T), renormalised). kind: "forward_kl" KL(P||Q); "reverse_kl" KL(Q||P);
+    "jsd" generalized JSD(beta) = beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q,
+    0 < beta < 1 (GKD). scale_by_t2 multiplies by T^2 (Hinton et al.: keeps gradient scale).
+    """
+    if kind not in DIVERGENCES:
+        raise ValueError(f"divergence kind {kind!r}: expected one of {DIVERGENCES}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta} (use forward_kl/reverse_kl)")
+    if temperature <= 0.0:
+        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+    dtype = jnp.promote_types(student_logits.dtype, jnp.float32)  # bf16 -> f32; f64 stays
+    s = student_logits.astype(dtype)
+    if isinstance(teacher, tuple):
+        ids, logprobs = teacher
+        log_p, log_q = _bucket_log_probs(s, ids, logprobs.astype(dtype))
+    else:
+        if teacher.shape[-1] != s.shape[-1]:
+            raise ValueError(
+                f"teacher vocabulary ({teacher.shape[-1]}) differs from the student's "
+                f"({s.shape[-1]})"
+            )
+        log_p, log_q = teacher.astype(dtype), s
+    log_p = jax.nn.log_softmax(jax.lax.stop_gradient(log_p) / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(log_q / temperature, axis=-1)
+    if kind == "forward_kl":
+        d = _kl(log_p, log_q)
+    elif kind == "reverse_kl":
+        d = _kl(log_q, log_p)
+    else:
+        empty = (log_p == -jnp.inf) & (log_q == -jnp.inf)  # the rest bucket when k = vocab
+        log_m = jnp.logaddexp(
+            jnp.where(empty, 0.0, jnp.log(beta) + log_p),  # no NaN gradient at (-inf, -inf)
+            jnp.where(empty, 0.0, jnp.log1p(-beta) + log_q),
+        )
+        log_m = jnp.where(empty, -jnp.inf, log_m)
+        d = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    return d * temperature**2 if scale_by_t2 else d

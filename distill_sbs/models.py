@@ -96,11 +96,13 @@ class EncoderDecoderModel:
         dropout_rng: jax.Array | None,
         loss: ObjectiveLoss,
         token_counts: jax.Array | None = None,
+        teacher: Any = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, metric sums) of a feature-converted batch; dropout iff dropout_rng given.
 
         loss: objective weights, label smoothing, z-loss. token_counts: [K] denominators; the
         trainer passes the full batch's when `batch` is one microbatch of it (exact accumulation).
+        teacher: the teacher's distributions on these target tokens when the loss distills.
         """
         logits = self.logits(
             params,
@@ -110,7 +112,7 @@ class EncoderDecoderModel:
             enable_dropout=dropout_rng is not None,
             dropout_rng=dropout_rng,
         )
-        return loss(logits, batch, token_counts)
+        return loss(logits, batch, token_counts, teacher)
 
     # ---------------------------------------------------------------- decoding
 

@@ -11,6 +11,7 @@ with a leading batch axis; feature names live with the model (models.py) and the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -50,7 +51,20 @@ class TrainableModel(Protocol):
         token_counts: jax.Array | None = None,
     ) -> tuple[jax.Array, Metrics]:
         """(scalar loss, metric sums); dropout iff dropout_rng; token_counts: [K] denominators
-        (the full batch's when `batch` is one microbatch, so microbatches add up exactly)."""
+        (the full batch's when `batch` is one microbatch, so microbatches add up exactly).
+        A model used with a teacher also takes `teacher=` (its distributions, see Teacher)."""
+        ...
+
+
+class Teacher(Protocol):
+    """A frozen source of the teacher's token distributions (distillation.py): run inside the
+    jitted step on each (micro)batch; `params` travel as a step argument with `params_shardings`."""
+
+    params: Any
+    params_shardings: Any
+
+    def __call__(self, params: Any, batch: Batch) -> Any:
+        """Teacher logits [b, l, vocab] or top-k (ids, log-probs) [b, l, k] (no gradients)."""
         ...
 
 
@@ -75,11 +89,20 @@ class Trainer:
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
         dropout_seed: int = 0,
+        teacher: Teacher | None = None,
+        divergence: Mapping[str, Any] | None = None,
     ) -> None:
+        """teacher, divergence: distillation (distillation.py); divergence holds ObjectiveLoss's
+        divergence fields (divergence_weights, divergence, beta, temperature, scale_by_t2)."""
         self.model = model
         self.optimizer = optimizer
         self.partitioner = partitioner
-        self.loss = ObjectiveLoss(tuple(objective_weights), label_smoothing, z_loss)
+        self.loss = ObjectiveLoss(
+            tuple(objective_weights), label_smoothing, z_loss, **(divergence or {})
+        )
+        if self.loss.distills and teacher is None:
+            raise ValueError("divergence weights are set but no teacher was given")
+        self.teacher = teacher
         self.num_microbatches = num_microbatches
         self.dropout_seed = dropout_seed
         self._train_step = None
@@ -135,15 +158,18 @@ class Trainer:
     # ---- steps ------------------------------------------------------------------------------
 
     def _loss_and_grads(
-        self, params: Params, batch: Batch, rng: jax.Array, counts: jax.Array
+        self, params: Params, batch: Batch, rng: jax.Array, counts: jax.Array, teacher_params=None
     ) -> tuple[tuple[jax.Array, Metrics], Params]:
+        # The teacher runs outside the differentiated function: no gradient reaches it.
+        extra = {} if self.teacher is None else {"teacher": self.teacher(teacher_params, batch)}
+
         def loss_fn(p: Params) -> tuple[jax.Array, Metrics]:
-            return self.model.loss_fn(p, batch, rng, self.loss, counts)
+            return self.model.loss_fn(p, batch, rng, self.loss, counts, **extra)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     def _accumulate(
-        self, params: Params, batch: Batch, rng: jax.Array, counts: jax.Array
+        self, params: Params, batch: Batch, rng: jax.Array, counts: jax.Array, teacher_params=None
     ) -> tuple[jax.Array, Metrics, Params]:
         """Loss, metric sums and gradients summed over `num_microbatches` slices (lax.scan)."""
         m = self.num_microbatches
@@ -159,25 +185,33 @@ class Trainer:
         def body(carry, xs):
             i, mb = xs
             (loss, metrics), grads = self._loss_and_grads(
-                params, mb, jax.random.fold_in(rng, i), counts
+                params, mb, jax.random.fold_in(rng, i), counts, teacher_params
             )
             return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(lambda: self._loss_and_grads(params, first, rng, counts))
+        shapes = jax.eval_shape(
+            lambda: self._loss_and_grads(params, first, rng, counts, teacher_params)
+        )
         (loss_s, metrics_s), grads_s = shapes
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, metrics_s, grads_s))
         (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(m), micro))
         return loss, metrics, grads
 
-    def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def _step(
+        self, state: TrainState, batch: Batch, teacher_params: Any = None
+    ) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(jax.random.PRNGKey(self.dropout_seed), state.step)
         # Full-batch denominators, so microbatch losses (and grads) add up to the batch's exactly.
         counts = self.loss.token_counts(batch)
         if self.num_microbatches == 1:
-            (loss, metrics), grads = self._loss_and_grads(state.params, batch, rng, counts)
+            (loss, metrics), grads = self._loss_and_grads(
+                state.params, batch, rng, counts, teacher_params
+            )
         else:
-            loss, metrics, grads = self._accumulate(state.params, batch, rng, counts)
+            loss, metrics, grads = self._accumulate(
+                state.params, batch, rng, counts, teacher_params
+            )
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
@@ -190,21 +224,27 @@ class Trainer:
         """One optimizer update; `state` is donated (do not reuse it after the call)."""
         if self._train_step is None:
             shardings = self.state_shardings
+            in_shardings = (shardings, self.partitioner.batch_sharding())
+            if self.teacher is not None:
+                in_shardings += (self.teacher.params_shardings,)
             self._train_step = jax.jit(
                 self._step,
-                in_shardings=(shardings, self.partitioner.batch_sharding()),
+                in_shardings=in_shardings,
                 out_shardings=(shardings, self.partitioner.replicated()),
                 donate_argnums=(0,),
             )
+        teacher_args = () if self.teacher is None else (self.teacher.params,)
         with self.partitioner.activation_context():
-            return self._train_step(state, batch)
+            return self._train_step(state, batch, *teacher_args)
 
     def eval_step(self, params: Params, batch: Batch) -> Metrics:
         """Loss metric sums on one batch, no dropout (teacher-forced)."""
         if self._eval_step is None:
+            # Teacher-forced eval loss: the objectives' CE only (no teacher at evaluation).
+            ce_only = dataclasses.replace(self.loss, divergence_weights=())
 
             def step(p: Params, b: Batch) -> Metrics:
-                loss, metrics = self.model.loss_fn(p, b, None, self.loss)
+                loss, metrics = self.model.loss_fn(p, b, None, ce_only)
                 return dict(metrics, loss_sum=loss, num_steps=jnp.ones((), jnp.float32))
 
             self._eval_step = jax.jit(

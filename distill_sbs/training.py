@@ -28,7 +28,7 @@ import tensorflow as tf
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from distill_sbs import checkpoints, optimizers, partitioning
+from distill_sbs import checkpoints, distillation, optimizers, partitioning
 from distill_sbs.errors import UserError
 from distill_sbs.evaluation import TaskEvaluator
 from distill_sbs.losses import summarize_metrics
@@ -67,6 +67,7 @@ def train(
     eval_at_end: bool = True,
     eval_loss_batches: int = 0,
     stop_after_steps: int | None = None,
+    kd: distillation.KD | None = None,
     partitioner: partitioning.Partitioner | None = None,
 ) -> dict[str, float]:
     """Trains until `train_steps` (resuming from MODEL_DIR); returns the final metrics.
@@ -75,6 +76,7 @@ def train(
     a later run resumes from the final save.
     eval_loss_batches: at each evaluation also report the teacher-forced loss and token accuracy
     per objective on that many batches of the eval split (0: predictions and metrics only).
+    kd: logit distillation (distillation.KD: teacher source and divergence terms), or None.
     """
     args = dict(locals())  # the arguments above, as one value the steps below read
     partitioner = args.pop("partitioner") or partitioning.create_partitioner()
@@ -147,6 +149,7 @@ class TrainConfig:
     eval_at_end: bool
     eval_loss_batches: int
     stop_after_steps: int | None
+    kd: distillation.KD | None = None
 
 
 @dataclasses.dataclass
@@ -189,6 +192,12 @@ def setup(cfg: TrainConfig, partitioner: partitioning.Partitioner) -> Run:
     model = build_model(config, vocabulary)
     objectives = objectives_of(cfg.mixture_or_task_name)
     optimizer, lr_schedule = optimizers.create_optimizer(total_steps=cfg.train_steps)
+    kd_args = {}
+    if cfg.kd is not None:
+        kd_args = {
+            "teacher": distillation.build_teacher(cfg.kd, config.vocab_size, partitioner),
+            "divergence": cfg.kd.loss_fields([n for n, _ in objectives]),
+        }
     trainer = Trainer(
         model,
         optimizer,
@@ -198,6 +207,7 @@ def setup(cfg: TrainConfig, partitioner: partitioning.Partitioner) -> Run:
         label_smoothing=cfg.label_smoothing,
         z_loss=cfg.z_loss,
         dropout_seed=cfg.seed,
+        **kd_args,
     )
     ckpt = checkpoints.CheckpointManager(
         model_dir,

@@ -9,6 +9,12 @@ import tensorflow as tf
 
 OBJECTIVE_FEATURE = "objective_id"  # int32 [1] (or scalar) per task example: its objective's index
 _TARGET_OBJECTIVES = "targets_objective"  # the id repeated over the target tokens, packed alongside
+# Saved teacher top-k (data/topk.py): example features int32 [target length, k] (encoded, never
+# 0) flattened for the packer, then model features int32 [length, k].
+TOPK_EXAMPLE_FEATURES = {
+    "teacher_topk_ids": "decoder_topk_ids",
+    "teacher_topk_logprobs": "decoder_topk_logprobs",
+}
 
 
 class ObjectiveEncDecFeatureConverter(seqio.EncDecFeatureConverter):
@@ -45,20 +51,29 @@ class ObjectiveEncDecFeatureConverter(seqio.EncDecFeatureConverter):
             ids = tf.reshape(tf.cast(ex[OBJECTIVE_FEATURE], tf.int32), [-1])[0]
             # Stored as id + 1: seqio's packer measures a sequence by its non-zero entries, so
             # the ids of objective 0 would otherwise count as padding and shift the others.
-            return {
+            out = {
                 "inputs": ex["inputs"],
                 "targets": ex["targets"],
                 _TARGET_OBJECTIVES: tf.fill(tf.shape(ex["targets"]), ids + 1),
             }
+            for name in topk:  # [T, k] -> [T * k]: token-major, so trimming cuts whole tokens
+                out[name] = tf.reshape(ex[name], [-1])
+            return out
 
+        topk = [n for n in TOPK_EXAMPLE_FEATURES if n in ds.element_spec]
+        self._topk_k = ds.element_spec[topk[0]].shape[-1] if topk else None
         ds = ds.map(broadcast, num_parallel_calls=tf.data.AUTOTUNE)
         lengths = {**task_feature_lengths, _TARGET_OBJECTIVES: task_feature_lengths["targets"]}
+        lengths.update({n: task_feature_lengths["targets"] * self._topk_k for n in topk})
         ds = self._pack_or_pad(ds, lengths)
         return ds.map(self._convert_example, num_parallel_calls=tf.data.AUTOTUNE)
 
     def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
         d = dict(super()._convert_example(features))
         d["decoder_objective_ids"] = tf.maximum(features[_TARGET_OBJECTIVES] - 1, 0)
+        for name, model_name in TOPK_EXAMPLE_FEATURES.items():
+            if name in features:
+                d[model_name] = tf.reshape(features[name], [-1, self._topk_k])
         return d
 
     def get_model_feature_lengths(

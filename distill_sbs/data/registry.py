@@ -31,7 +31,7 @@ import seqio
 import tensorflow as tf
 
 from distill_sbs import metrics
-from distill_sbs.data import dss, options, preprocessors
+from distill_sbs.data import dss, options, preprocessors, topk
 from distill_sbs.data.feature_converter import OBJECTIVE_FEATURE, ObjectiveEncDecFeatureConverter
 from distill_sbs.data.records import Record, RecordError, read_jsonl
 from distill_sbs.parsing import parse_chain_of_thought
@@ -255,6 +255,11 @@ def _to_tf(examples: Sequence[dict]) -> tf.data.Dataset:
         OBJECTIVE_FEATURE: tf.constant([[e["objective_id"]] for e in examples], tf.int32),
         "choices": tf.constant([e["choices"] for e in examples], tf.string),
     }
+    for name in (topk.EXAMPLE_IDS, topk.EXAMPLE_LOGPROBS):
+        if name in examples[0]:  # [T_i, k] per example: a ragged column, sliced per example
+            rows = [e[name] for e in examples]
+            values = tf.constant(np.concatenate(rows), tf.int32)
+            columns[name] = tf.RaggedTensor.from_row_lengths(values, [len(r) for r in rows])
     return tf.data.Dataset.from_tensor_slices(columns)
 
 
@@ -262,11 +267,14 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, key
     del shuffle_files, seed  # in-memory examples; seqio's Task shuffles them with its seed
     dataset, method, objective_id = key
     examples = build_examples(dataset, method, objective_id, split)
+    name = objective_names(dataset, method)[objective_id]
     if not examples:  # an empty source would make a repeated mixture spin forever
-        name = objective_names(dataset, method)[objective_id]
         raise ValueError(
             f"{dataset}_{method}: objective {name!r} has no examples on split {split!r}"
         )
+    path = topk.teacher_topk_path()
+    if path and split == "train":  # saved teacher top-k for offline distillation (data/topk.py)
+        examples = topk.attach(examples, topk.load(path), _DATASETS[dataset].vocabulary, name)
     return _to_tf(examples)
 
 
