@@ -84,6 +84,7 @@ LAYERS: list[set[str]] = [
         "launch.local",
         "launch.tpu_vm",
         "launch.gpu",
+        "memory_plan",
     },
 ]
 
