@@ -37,6 +37,10 @@ setup(
         "matplotlib>=3.8",  # distill_sbs.sweep: the reproduction plots (Agg backend, PNG files)
     ],
     extras_require={
+        # Accelerators: `pip install -e '.[cuda]'` (NVIDIA GPUs, CUDA 12 wheels) or '.[tpu]'
+        # (Cloud TPU VMs); plain `pip install -e .` gives CPU jax.
+        "cuda": ["jax[cuda12]>=0.6"],
+        "tpu": ["jax[tpu]>=0.6"],
         "test": [
             "pytest>=8",
             "ruff>=0.6",
