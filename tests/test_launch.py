@@ -168,6 +168,28 @@ def test_keep_running_gives_up_after_max_restarts():
     assert gcloud.calls.count("tpu-vm create") == 1
 
 
+def test_tpu_vm_sh_is_the_run_subcommand(tmp_path, subprocess_env, repo_dir):
+    """launch/tpu_vm.sh NAME ZONE flags (a sweep's --launcher) runs MODULE through `run`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/bash\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    (bin_dir / "gcloud").write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')  # one arg a line
+    (bin_dir / "gcloud").chmod(0o755)
+    env = dict(subprocess_env, MODULE="distill_sbs.sweep")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    script = str(repo_dir / "launch" / "tpu_vm.sh")
+    ran = subprocess.run(
+        ["bash", script, "t", "z", "--gin_file=a.gin"], env=env, text=True, capture_output=True
+    )
+    assert ran.returncode == 0, ran.stderr
+    remote = ran.stdout.splitlines()[-1]
+    assert remote == (
+        "set -o pipefail; python3 -m distill_sbs.sweep --gin_file=a.gin 2>&1 | tee -a "
+        "~/distill_sbs.log"
+    )
+
+
 def test_tpu_vm_setup_needs_a_source():
     with pytest.raises(SystemExit, match="--wheel, or --repo"):
         tpu_vm.main(["setup", "--name", "t", "--zone", "z", "--dry_run"])

@@ -12,12 +12,13 @@
     python -m distill_sbs.launch.tpu_vm delete --name my-tpu --zone us-central2-b
 
 Every subcommand takes `--dry_run`, which prints each gcloud command instead of running it.
-`run` starts `python3 -m distill_sbs.train <flags>` on every worker (jax.distributed finds the
-slice by itself), streams the output here and into `--log_file`, and each worker also appends it
-to ~/distill_sbs.log, which `watch` tails. `--queued` uses queued resources (the way to wait for
-capacity); `--spot` asks for spot capacity. `keep_running` loops: run; when the run fails and the
-VM was pre-empted (or is gone), delete it, create it again, set it up and run the same command,
-which resumes from the last checkpoint in MODEL_DIR (shared storage, gs://).
+`run` starts `python3 -m distill_sbs.train <flags>` (or `--module`) on every worker
+(jax.distributed finds the slice by itself), streams the output here and into `--log_file`, and
+each worker also appends it to ~/distill_sbs.log, which `watch` tails. `--queued` uses queued
+resources (the way to wait for capacity); `--spot` asks for spot capacity. `keep_running` loops:
+run; when the run fails and the VM was pre-empted (or is gone), delete it, create it again, set
+it up and run the same command, which resumes from the last checkpoint in MODEL_DIR (shared
+storage, gs://).
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ def setup_commands(
     return [vm.ssh(f"{pip} {shlex.quote(spec)}")]
 
 
-def train_command(flags: Sequence[str]) -> str:
+def train_command(flags: Sequence[str], module: str = "distill_sbs.train") -> str:
     """The shell line each worker runs: the trainer, its output appended to the worker's log."""
-    args = shlex.join(["python3", "-m", "distill_sbs.train", *flags])
+    args = shlex.join(["python3", "-m", module, *flags])
     return f"set -o pipefail; {args} 2>&1 | tee -a {WORKER_LOG}"
 
 
@@ -202,6 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     setup.add_argument("--wheel", default=None, help="a built wheel to copy and install instead")
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--log_file", default=None, help="also append the output to this file here")
+    run.add_argument("--module", default="distill_sbs.train", help="e.g. distill_sbs.sweep")
     run.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the train flags")
     sub.add_parser("create", parents=[common, create])
     sub.add_parser("setup", parents=[common, setup])
@@ -244,7 +246,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None) -> int
     flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
     if not flags:
         raise SystemExit("error: give the train flags after --, e.g. -- --gin_file=...")
-    ssh = vm.ssh(train_command(flags))
+    ssh = vm.ssh(train_command(flags, args.module))
     if args.subcommand == "run":
         return run_logged(runner, ssh, args.log_file, args.dry_run)
 
