@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from distill_sbs import storage
+from distill_sbs.errors import UserError
 from distill_sbs.network import T5Config
 
 CONFIG_FILE = "config.json"
@@ -62,13 +63,16 @@ def read_model_description(directory: str) -> tuple[T5Config, str | None, int]:
     path = storage.join(directory, CONFIG_FILE)
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: not found; is {directory} a native checkpoint directory?")
-    desc = storage.read_json(path)
+    try:
+        desc = storage.read_json(path)  # a garbled file: invalid JSON or not UTF-8
+    except ValueError as e:
+        raise UserError(f"{path}: not a checkpoint description ({e})") from e
     if not isinstance(desc, dict) or "model" not in desc:
-        raise ValueError(f"{path}: missing field 'model'")
+        raise UserError(f"{path}: missing field 'model'")
     try:
         config = T5Config.from_dict(desc["model"])
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: field 'model': {e}") from e
+        raise UserError(f"{path}: field 'model': {e}") from e
     vocab = desc.get("vocabulary")
     if not vocab:
         return config, None, 0
@@ -143,7 +147,7 @@ def load_native(directory: str, abstract_params: Any = None) -> NativeCheckpoint
     if is_step_dir(root):
         m = _STEP_NAME.match(root.name)
         if not ocp.step.is_path_finalized(root) or m.group(2) is not None:
-            raise ValueError(
+            raise UserError(
                 f"{directory}: incomplete checkpoint (orbax never committed it; an interrupted "
                 f"save or a partial copy); load {root.parent} to use its newest committed step"
             )
@@ -163,11 +167,18 @@ def load_native(directory: str, abstract_params: Any = None) -> NativeCheckpoint
     config, vocab_file, extra_ids = read_model_description(described)
     params_path = storage.join(params_dir, PARAMS_DIR)
     if not ocp.step.is_path_finalized(params_path):  # e.g. no commit_success.txt on GCS
-        raise ValueError(
+        raise UserError(
             f"{params_path}: incomplete parameters (orbax never committed them; an interrupted "
             "save or a partial copy)"
         )
-    params = ocp.StandardCheckpointer().restore(params_path, abstract_params)
+    try:
+        params = ocp.StandardCheckpointer().restore(params_path, abstract_params)
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception for bad files
+        cause = " ".join(str(e.__cause__ or e).split())
+        raise UserError(
+            f"{params_path}: cannot be restored; a corrupt or partial copy, or parameters of "
+            f"another model? ({cause[:300]})"
+        ) from e
     return NativeCheckpoint(config, params, vocab_file, extra_ids, step)
 
 

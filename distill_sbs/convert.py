@@ -7,6 +7,10 @@ A HF folder is a `T5ForConditionalGeneration` directory: config.json plus model.
 pytorch_model.bin, or a sharded `*.index.json` of either (reading .bin needs torch). The export
 writes model.safetensors + config.json (+ spiece.model), loadable by
 `transformers.T5ForConditionalGeneration.from_pretrained` with no missing or unexpected keys.
+An export also holds generation_config.json and, when the checkpoint has a vocabulary, the files
+`AutoTokenizer.from_pretrained` reads (spiece.model, tokenizer_config.json,
+special_tokens_map.json). A HF folder with only a tokenizer.json (transformers 5) gets the
+packaged T5 vocabulary when its pieces are that vocabulary's, else an error.
 
 Weight layout: HF linear weights are [out, in]; ours are T5X-style kernels [in, ...]. Attention
 q/k/v [heads*d_kv, d_model] <-> [d_model, heads, d_kv]; o [d_model, heads*d_kv] <-> [heads, d_kv,
@@ -15,14 +19,17 @@ d_model]; relative_attention_bias [buckets, heads] <-> rel_embedding [heads, buc
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from distill_sbs import storage
+from distill_sbs.data.options import DEFAULT_T5_VOCAB
+from distill_sbs.errors import UserError
 from distill_sbs.network import T5Config
 
 # HF activation name -> ours ("gelu" is the tanh approximation, HF's "gelu_new")
@@ -43,8 +50,12 @@ _IGNORED_HF_KEYS = {
 }
 
 
-class ConversionError(ValueError):
-    """A config or tensor that does not fit; the message names the field or tensor."""
+# What HF's generate needs beside config.json (T5: decoding starts from pad).
+GENERATION_CONFIG = {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}
+
+
+class ConversionError(UserError):
+    """A config, tensor, vocabulary or folder that does not fit; the message names it."""
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -216,25 +227,42 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
     return tree
 
 
+def _float32(name: str, value: Any) -> np.ndarray:
+    """`value` as float32; an integer or boolean tensor, or a NaN or infinite value, is an error
+    naming the tensor (a cast would hide a wrong file, and NaN weights give NaN text)."""
+    x = np.asarray(value)
+    if x.dtype.kind not in "fV":  # "V": ml_dtypes' bfloat16 and float8 types
+        raise ConversionError(f"{name} has dtype {x.dtype}; model weights must be floating point")
+    x = x.astype(np.float32, copy=False)
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise ConversionError(f"{name} has {bad} NaN or infinite values (of {x.size})")
+    return x
+
+
 def hf_state_dict_to_params(
     state_dict: Mapping[str, np.ndarray],
     config: T5Config,
     place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None,
+    *,
+    lm_head_tied: bool = False,
 ) -> dict[str, Any]:
     """Native params (nested dict of float32 numpy arrays) from a HF T5 state dict.
 
     `state_dict` may read lazily (one tensor per lookup); `place(path, array)` (e.g. into a device
     sharding) gets each converted parameter, so that the host holds one tensor at a time.
+    lm_head_tied: the HF config ties lm_head to the embedding (its tie_word_embeddings), so a
+    state dict without lm_head.weight means the embedding; otherwise lm_head.weight is required.
     """
     params: dict[str, Any] = {}
     used = set(_IGNORED_HF_KEYS)
     for path, key, shape, to_native, _ in _entries(config):
-        if key not in state_dict and key == "lm_head.weight":
-            # transformers 5 saves an lm_head equal to the embedding only as the tied alias
+        if key not in state_dict and key == "lm_head.weight" and lm_head_tied:
+            # transformers 5 saves an lm_head tied to the embedding only as the embedding
             key = "shared.weight"
         if key not in state_dict:
             raise ConversionError(f"HF tensor {key!r} is missing (expected shape {shape})")
-        x = np.asarray(state_dict[key], dtype=np.float32)
+        x = _float32(f"HF tensor {key!r}", state_dict[key])
         if tuple(x.shape) != shape:
             raise ConversionError(
                 f"HF tensor {key!r} has shape {tuple(x.shape)}, the config implies {shape}"
@@ -257,7 +285,7 @@ def params_to_hf_state_dict(params: Any, config: T5Config) -> dict[str, np.ndarr
     """HF T5 state dict (float32 numpy) from native params."""
     out = {}
     for path, key, shape, _, to_hf in _entries(config):
-        x = np.asarray(_get(params, path), dtype=np.float32)
+        x = _float32(f"params {'/'.join(path)}", _get(params, path))
         y = np.ascontiguousarray(to_hf(x))
         if tuple(y.shape) != shape:
             raise ConversionError(
@@ -278,8 +306,12 @@ class _SafetensorsFile(Mapping):
         from safetensors import safe_open
 
         self._path = path
-        self._numpy = safe_open(path, framework="numpy")
+        try:
+            self._numpy = safe_open(path, framework="numpy")
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type, a truncated file
+            raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
         self._keys = list(self._numpy.keys())
+        self._key_set = set(self._keys)
         self._flax = None
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -292,6 +324,9 @@ class _SafetensorsFile(Mapping):
             if self._flax is None:
                 self._flax = safe_open(self._path, framework="flax")
             return np.asarray(self._flax.get_tensor(key), dtype=np.float32)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's would read the tensor
+        return key in self._key_set
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -324,8 +359,12 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
             f"{path}: reading pytorch_model.bin needs torch (pip install torch); "
             "or save the model with safetensors"
         ) from e
-    state = torch.load(storage.local_file(path), map_location="cpu", weights_only=True)
-    return {k: v.to(torch.float32).numpy() for k, v in state.items()}
+    try:
+        state = torch.load(storage.local_file(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # pickle/zip errors of a bad file
+        raise ConversionError(f"{path}: not a readable torch checkpoint ({e})") from e
+    # floats as float32 (numpy has no bfloat16); other dtypes kept, for _float32 to name them
+    return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
 
 
 def _open_safetensors(path: str) -> Mapping[str, np.ndarray]:
@@ -358,8 +397,7 @@ def read_hf_weights(path: str) -> Mapping[str, np.ndarray]:
     )
 
 
-def read_hf_config(path: str) -> T5Config:
-    """The T5Config of a HF T5ForConditionalGeneration folder."""
+def _read_hf_config_json(path: str) -> tuple[str, dict[str, Any]]:
     config_path = storage.join(path, "config.json")
     if not storage.exists(config_path):
         raise FileNotFoundError(f"{config_path}: not found; is {path} a HF T5 folder?")
@@ -367,10 +405,70 @@ def read_hf_config(path: str) -> T5Config:
         hf_config = storage.read_json(config_path)
     except ValueError as e:
         raise ConversionError(str(e)) from e
+    if not isinstance(hf_config, dict):
+        raise ConversionError(f"{config_path}: not a JSON object")
+    return config_path, hf_config
+
+
+def read_hf_config(path: str) -> T5Config:
+    """The T5Config of a HF T5ForConditionalGeneration folder."""
+    config_path, hf_config = _read_hf_config_json(path)
     try:
         return hf_config_to_t5config(hf_config)
     except ConversionError as e:
         raise ConversionError(f"{config_path}: {e}") from e
+
+
+@functools.cache
+def _packaged_pieces() -> tuple[tuple[str, float], ...]:
+    """(piece, score) by id of the packaged T5 vocabulary with its 100 extra ids, as a HF
+    tokenizer.json writes them (extra ids last, <extra_id_99> first, score 0)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=DEFAULT_T5_VOCAB)
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    return tuple(pieces + [(f"<extra_id_{i}>", 0.0) for i in reversed(range(100))])
+
+
+def _check_tokenizer_json(tokenizer_file: str) -> None:
+    """A tokenizer.json must hold the packaged T5 vocabulary (same pieces, ids and scores)."""
+    fix = "put the tokenizer's SentencePiece model beside it as spiece.model"
+    try:
+        model = storage.read_json(tokenizer_file)["model"]
+        kind, vocab = model["type"], model.get("vocab") or []
+        pieces = tuple((str(piece), float(score)) for piece, score in vocab)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"{tokenizer_file}: not a tokenizers file ({e}); {fix}") from e
+    if kind != "Unigram":
+        raise ConversionError(
+            f"{tokenizer_file}: a {kind} tokenizer, not a SentencePiece (Unigram) one; {fix}"
+        )
+    expected = _packaged_pieces()
+    if len(pieces) != len(expected):
+        raise ConversionError(
+            f"{tokenizer_file}: {len(pieces)} pieces, the T5 vocabulary has {len(expected)} "
+            f"(with 100 extra ids); {fix}"
+        )
+    for i, ((piece, score), (want, want_score)) in enumerate(zip(pieces, expected, strict=True)):
+        if piece != want or np.float32(score) != np.float32(want_score):
+            raise ConversionError(
+                f"{tokenizer_file}: id {i} is {piece!r} (score {score}), the T5 vocabulary's "
+                f"is {want!r} (score {want_score}); {fix}"
+            )
+
+
+def hf_vocabulary(path: str) -> str | None:
+    """The SentencePiece model of a HF folder: its spiece.model; for a folder with a tokenizer.json
+    only (transformers 5), the packaged T5 vocabulary if tokenizer.json holds exactly its pieces
+    (else ConversionError); None when the folder has neither file."""
+    spiece = storage.join(path, "spiece.model")
+    if storage.exists(spiece):
+        return spiece
+    tokenizer_file = storage.join(path, "tokenizer.json")
+    if not storage.exists(tokenizer_file):
+        return None
+    _check_tokenizer_json(tokenizer_file)
+    return DEFAULT_T5_VOCAB
 
 
 def load_hf_folder(
@@ -382,14 +480,16 @@ def load_hf_folder(
     sharding as soon as it is read, so the host never holds the whole model.
     """
     config = read_hf_config(path)
+    # transformers 5 writes tie_word_embeddings true for every T5 (T5 1.1 too); 4.x only for T5 1.0
+    tied = bool(_read_hf_config_json(path)[1].get("tie_word_embeddings", True))
+    vocab = hf_vocabulary(path)  # before the weights: a wrong tokenizer fails fast
     state = read_hf_weights(path)
     place = None if abstract_params is None else _placer(abstract_params)
     try:
-        params = hf_state_dict_to_params(state, config, place)
+        params = hf_state_dict_to_params(state, config, place, lm_head_tied=tied)
     except ConversionError as e:
         raise ConversionError(f"{path}: {e}") from e
-    vocab = storage.join(path, "spiece.model")
-    return config, params, vocab if storage.exists(vocab) else None
+    return config, params, vocab
 
 
 def _placer(abstract_params: Any) -> Callable[[tuple[str, ...], np.ndarray], Any]:
@@ -407,27 +507,82 @@ def _placer(abstract_params: Any) -> Callable[[tuple[str, ...], np.ndarray], Any
     return place
 
 
+def _check_apart(source: str, out_dir: str) -> None:
+    """--out may not be the source folder, lie inside it or contain it: the conversion would
+    overwrite its own input."""
+    src, out = (storage.resolve(p).rstrip("/") for p in (source, out_dir))
+    if src == out or out.startswith(src + "/") or src.startswith(out + "/"):
+        raise ConversionError(
+            f"--out {out_dir} overlaps the input {source}; give a directory outside it"
+        )
+
+
 def hf_to_native(hf_dir: str, out_dir: str) -> None:
     """Converts a HF T5 folder into a native checkpoint directory."""
     from distill_sbs import checkpoints
 
+    _check_apart(hf_dir, out_dir)
     config, params, vocab = load_hf_folder(hf_dir)
+    if vocab is None:
+        logging.warning(
+            "%s has no spiece.model or tokenizer.json: the checkpoint gets no vocabulary, so "
+            "eval, infer, serve and text generation cannot use it (copy the SentencePiece "
+            "model into %s as spiece.model to add one)",
+            hf_dir,
+            out_dir,
+        )
     checkpoints.save_native(out_dir, params, config, vocab)
 
 
-def native_to_hf(checkpoint: str, out_dir: str) -> None:
-    """Writes a native checkpoint (dir, MODEL_DIR or step dir) as a HF T5 folder (local or remote).
+def tokenizer_files(vocab_file: str, extra_ids: int) -> dict[str, dict[str, Any]]:
+    """tokenizer_config.json and special_tokens_map.json, by name, with which
+    `AutoTokenizer.from_pretrained` reads a folder's spiece.model as seqio does: pad, EOS and unk
+    as the SentencePiece model defines them (pad is id 0 in seqio), `extra_ids` sentinels."""
+    import sentencepiece as spm
 
-    The weights are written last: a folder whose model.safetensors exists is complete.
+    sp = spm.SentencePieceProcessor(model_file=storage.local_file(vocab_file))
+    special = {
+        "pad_token": sp.id_to_piece(0),
+        "eos_token": sp.id_to_piece(sp.eos_id()),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+    }
+    sentinels = [f"<extra_id_{i}>" for i in range(extra_ids)]
+    config = {"tokenizer_class": "T5Tokenizer", "extra_ids": extra_ids, **special}
+    config["additional_special_tokens"] = sentinels
+    special_map = {**special, "additional_special_tokens": sentinels}
+    return {"tokenizer_config.json": config, "special_tokens_map.json": special_map}
+
+
+def native_to_hf(checkpoint: str, out_dir: str) -> None:
+    """Writes a native checkpoint (dir, MODEL_DIR or step dir) as a HF T5 folder (local or remote):
+    weights, config.json, generation_config.json and, with a vocabulary, the tokenizer files.
+
+    Everything is checked before the first write; the weights are written last: a folder whose
+    model.safetensors exists is complete.
     """
     from safetensors.numpy import save
 
     from distill_sbs import checkpoints
 
+    _check_apart(checkpoint, out_dir)
     ckpt = checkpoints.load_native(checkpoint)
     state = params_to_hf_state_dict(ckpt.params, ckpt.config)
-    storage.write_json(storage.join(out_dir, "config.json"), t5config_to_hf_config(ckpt.config))
-    if ckpt.vocab_file is not None and storage.exists(ckpt.vocab_file):
+    files = {
+        "config.json": t5config_to_hf_config(ckpt.config),
+        "generation_config.json": GENERATION_CONFIG,
+    }
+    if ckpt.vocab_file is not None:
+        if not storage.exists(ckpt.vocab_file):
+            raise ConversionError(
+                f"{ckpt.vocab_file}: the checkpoint's vocabulary is missing (its config.json "
+                "names it); copy the SentencePiece model there"
+            )
+        files.update(tokenizer_files(ckpt.vocab_file, ckpt.extra_ids))
+    else:
+        logging.warning("%s has no vocabulary: the export has no tokenizer files", checkpoint)
+    for name, value in files.items():
+        storage.write_json(storage.join(out_dir, name), value)
+    if ckpt.vocab_file is not None:
         storage.copy(ckpt.vocab_file, storage.join(out_dir, "spiece.model"))
     storage.write_bytes(
         storage.join(out_dir, "model.safetensors"), save(state, metadata={"format": "pt"})
@@ -450,7 +605,8 @@ _COMMANDS: dict[str, tuple[str, Callable[[str, str], None]]] = {
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m distill_sbs.convert COMMAND --SOURCE DIR --out DIR`; 1 on a conversion error."""
+    """`python -m distill_sbs.convert COMMAND --SOURCE DIR --out DIR`; 1 on a conversion error
+    (one line `error: ...`)."""
     if len(argv) != 2 or argv[1] not in _COMMANDS:
         raise app.UsageError(f"expected one command, {' or '.join(_COMMANDS)}; got {argv[1:]}")
     command = argv[1]
@@ -463,7 +619,7 @@ def main(argv: Sequence[str]) -> int:
         raise app.UsageError(f"{command} needs --{source_flag} and --out")
     try:
         convert_fn(FLAGS[source_flag].value, FLAGS.out)
-    except (ConversionError, FileNotFoundError, ImportError) as e:
+    except (UserError, OSError, ImportError) as e:  # ConversionError is a UserError
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {FLAGS.out}")

@@ -187,3 +187,168 @@ def test_config_round_trip_for_each_variant():
 def test_cli_usage_errors(args, message):
     r = _cli(*args)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == message
+
+
+# ------------------------------------------------------------------ issue 9: exports and checks
+
+
+@pytest.fixture(scope="module")
+def t5_export(tmp_path_factory):
+    """(native checkpoint, its native-to-hf export): a tiny random T5 1.1 over the packaged T5
+    vocabulary (32100 ids: 32000 pieces and 100 extra ids)."""
+    from _tiny_t5 import tiny_config
+
+    from distill_sbs.checkpoints import save_native
+    from distill_sbs.data.options import DEFAULT_T5_VOCAB
+    from distill_sbs.models import EncoderDecoderModel
+
+    root = tmp_path_factory.mktemp("t5_export")
+    cfg = tiny_config(vocab_size=32100)
+    native, export = str(root / "native"), str(root / "export")
+    params = EncoderDecoderModel(cfg).init_params(jax.random.PRNGKey(3))
+    save_native(native, params, cfg, DEFAULT_T5_VOCAB)
+    old = os.umask(0o022)
+    try:
+        convert.native_to_hf(native, export)
+    finally:
+        os.umask(old)
+    return native, export
+
+
+def test_export_works_with_auto_classes_and_generates_the_same_text(t5_export):
+    native, export = t5_export
+    texts = ["The answer is train station.", "Why do birds fly south?", "2 + 3 ="]
+    model, params = distill_sbs.load(native)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(export).eval()
+    # the tokenizer reads text as the native vocabulary does
+    enc = model.encode_texts(texts, 16)
+    hf_in = tokenizer(texts, return_tensors="pt", padding="max_length", max_length=16)
+    np.testing.assert_array_equal(hf_in.input_ids.numpy(), enc)
+    assert tokenizer.convert_tokens_to_ids("<extra_id_0>") == 32099 and len(tokenizer) == 32100
+
+    ours = np.asarray(model.generate(params, enc, max_decode_length=8))
+    with torch.no_grad():
+        theirs = hf.generate(**hf_in, do_sample=False, num_beams=1, max_new_tokens=8)
+    # HF starts with decoder_start_token_id (from generation_config.json) and pads after EOS
+    np.testing.assert_array_equal(theirs.numpy()[:, 1:], ours[:, : theirs.shape[1] - 1])
+    assert (ours > 2).any() and (ours < 32000).all(), ours  # real pieces, so the texts mean
+    # something (sentinels decode differently: seqio gives no text, HF drops them as special)
+    decoded = tokenizer.batch_decode(theirs, skip_special_tokens=True)
+    assert decoded == model.decode_tokens(ours) and any(decoded)
+
+
+def test_export_files_and_modes(t5_export):
+    _, export = t5_export
+    names = sorted(os.listdir(export))
+    assert names == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "spiece.model",
+        "tokenizer_config.json",
+    ]
+    for name in names:  # created under umask 022: readable by all, as any other file
+        assert os.stat(os.path.join(export, name)).st_mode & 0o777 == 0o644, name
+    gen = transformers.GenerationConfig.from_pretrained(export)
+    assert (gen.decoder_start_token_id, gen.eos_token_id, gen.pad_token_id) == (0, 1, 0)
+
+
+def test_tokenizer_json_only_folder_takes_the_packaged_vocabulary(t5_export, tmp_path, caplog):
+    from distill_sbs.data.options import DEFAULT_T5_VOCAB
+
+    _, export = t5_export
+    hf_dir = str(tmp_path / "hf")
+    make_hf_model("t5_1_1").save_pretrained(hf_dir)  # no tokenizer files
+    transformers.AutoTokenizer.from_pretrained(export).save_pretrained(str(tmp_path / "tok"))
+    tokenizer_json = os.path.join(hf_dir, "tokenizer.json")
+    shutil.copyfile(tmp_path / "tok" / "tokenizer.json", tokenizer_json)
+    assert not os.path.exists(os.path.join(hf_dir, "spiece.model"))
+
+    convert.hf_to_native(hf_dir, str(tmp_path / "native"))
+    with open(tmp_path / "native" / "config.json") as f:
+        assert json.load(f)["vocabulary"] == {"file": "spiece.model", "extra_ids": 100}
+    with open(tmp_path / "native" / "spiece.model", "rb") as a, open(DEFAULT_T5_VOCAB, "rb") as b:
+        assert a.read() == b.read()
+
+    # another vocabulary: one piece differs
+    with open(tokenizer_json) as f:
+        tok = json.load(f)
+    tok["model"]["vocab"][500][0] = "▁not-t5"
+    with open(tokenizer_json, "w") as f:
+        json.dump(tok, f)
+    with pytest.raises(convert.ConversionError, match=r"tokenizer\.json: id 500 is '▁not-t5'"):
+        convert.hf_to_native(hf_dir, str(tmp_path / "native2"))
+    assert not os.path.exists(tmp_path / "native2")
+
+    # no tokenizer at all: converted, with a warning that the checkpoint has no vocabulary
+    os.remove(tokenizer_json)
+    caplog.set_level("WARNING")
+    convert.hf_to_native(hf_dir, str(tmp_path / "native3"))
+    assert "no spiece.model or tokenizer.json" in caplog.text
+
+
+def _write_hf_folder(path, state, config: dict) -> str:
+    from safetensors.numpy import save_file
+
+    os.makedirs(path)
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return str(path)
+
+
+def test_missing_lm_head_is_an_error_unless_the_config_ties_it(tmp_path):
+    hf = make_hf_model("t5_1_1")
+    state = {k: v for k, v in hf_state_dict(hf).items() if k != "lm_head.weight"}
+    config = {**hf.config.to_dict(), "tie_word_embeddings": False}  # transformers 4 T5 1.1
+    untied = _write_hf_folder(tmp_path / "untied", state, config)
+    with pytest.raises(convert.ConversionError, match=r"'lm_head\.weight' is missing"):
+        convert.load_hf_folder(untied)
+    r = _cli("hf-to-native", "--hf_dir", untied, "--out", str(tmp_path / "x"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "'lm_head.weight' is missing" in r.stderr and not os.path.exists(tmp_path / "x")
+    # transformers 5 ties lm_head to the embedding and then saves only the embedding
+    tied = _write_hf_folder(tmp_path / "tied", state, {**config, "tie_word_embeddings": True})
+    _, params, _ = convert.load_hf_folder(tied)
+    np.testing.assert_array_equal(params["logits_dense"]["kernel"], state["shared.weight"].T)
+
+
+def test_nan_and_integer_weights_name_the_tensor():
+    hf = make_hf_model("t5_1_1")
+    config = convert.hf_config_to_t5config(hf.config.to_dict())
+    good = hf_state_dict(hf)
+    key = "decoder.block.1.layer.2.DenseReluDense.wo.weight"
+    nan = dict(good, **{key: np.where(np.eye(*good[key].shape) > 0, np.nan, good[key])})
+    with pytest.raises(convert.ConversionError, match=rf"'{key}' has \d+ NaN or infinite"):
+        convert.hf_state_dict_to_params(nan, config)
+    ints = dict(good, **{key: good[key].astype(np.int64)})
+    with pytest.raises(convert.ConversionError, match=rf"'{key}' has dtype int64"):
+        convert.hf_state_dict_to_params(ints, config)
+    params = convert.hf_state_dict_to_params(good, config)
+    params["encoder"]["encoder_norm"]["scale"][3] = np.inf
+    with pytest.raises(convert.ConversionError, match="params encoder/encoder_norm/scale has 1"):
+        convert.params_to_hf_state_dict(params, config)
+
+
+def test_out_overlapping_the_input_is_refused_before_writing(t5_export, tmp_path):
+    native, export = t5_export
+    hf_dir = _save_hf(make_hf_model("t5_1_1"), str(tmp_path / "hf"))
+
+    def tree(path):
+        return sorted((r, tuple(sorted(f))) for r, _, f in os.walk(path))
+
+    before = tree(tmp_path), tree(native)
+    for source, out, fn in [
+        (hf_dir, hf_dir, convert.hf_to_native),
+        (hf_dir, os.path.join(hf_dir, "native"), convert.hf_to_native),
+        (hf_dir, str(tmp_path), convert.hf_to_native),
+        (native, native + "/", convert.native_to_hf),
+        (native, os.path.join(native, "params", "hf"), convert.native_to_hf),
+        (os.path.join(native, "."), os.path.dirname(native), convert.native_to_hf),
+    ]:
+        with pytest.raises(convert.ConversionError, match="overlaps the input"):
+            fn(source, out)
+    assert (tree(tmp_path), tree(native)) == before
+    distill_sbs.load(native)  # still whole
