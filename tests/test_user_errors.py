@@ -291,3 +291,61 @@ def test_infer_checks_output_file_before_loading_or_generating(tmp_path):
             output_file=str(blocker / "out.jsonl"),
             input_file=str(inputs),
         )
+
+
+# ---- corrupt checkpoints: one UserError naming the path --------------------------------------
+
+
+def _save_tiny(path, vocab=None):
+    from distill_sbs import checkpoints, models
+
+    params = models.EncoderDecoderModel(TINY).init_params(__import__("jax").random.PRNGKey(0))
+    checkpoints.save_native(str(path), params, TINY, vocab, extra_ids=0)
+    return str(path)
+
+
+def _largest_file(directory):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
+    return max(files, key=os.path.getsize)
+
+
+def test_corrupt_checkpoint_is_one_user_error_naming_the_path(tmp_path, capfd):
+    from distill_sbs import models
+
+    good = _save_tiny(tmp_path / "good")
+    truncated = shutil.copytree(good, tmp_path / "truncated")
+    data = _largest_file(os.path.join(truncated, "params"))  # the arrays' data file
+    with open(data, "r+b") as f:
+        f.truncate(100)
+    garbled = shutil.copytree(good, tmp_path / "garbled")
+    with open(os.path.join(garbled, "params", "_METADATA"), "wb") as f:
+        f.write(bytes(range(256)) * 4)
+    bad_config = shutil.copytree(good, tmp_path / "bad_config")
+    with open(os.path.join(bad_config, "config.json"), "wb") as f:
+        f.write(b'{"model": {"vocab_')
+    for path, where in [
+        (truncated, f"{truncated}/params: cannot be restored"),
+        (garbled, f"{garbled}/params: cannot be restored"),
+        (bad_config, f"{bad_config}/config.json: not a checkpoint description"),
+    ]:
+        with pytest.raises(UserError, match=where):
+            models.load(path)
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as e:  # what eval/infer/train print
+            cli.call_reporting_user_errors(lambda p=path: models.load(p))
+        err = capfd.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {where}"), err
+        assert err.count("\n") == 1, err
+
+
+def test_truncated_hf_weights_name_the_file(tmp_path):
+    pytest.importorskip("transformers")
+    from test_network_util import make_hf_model
+
+    from distill_sbs import models
+
+    make_hf_model("t5_1_1").save_pretrained(str(tmp_path / "hf"))
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match=f"{weights}: not a readable safetensors file"):
+        models.load(str(tmp_path / "hf"))
