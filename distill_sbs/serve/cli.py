@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from distill_sbs.errors import UserError
 from distill_sbs.serve.app import CompletionHandler, Limits
 from distill_sbs.serve.server import Server, check_auth_settings
 
@@ -35,12 +36,20 @@ def main(argv: Sequence[str], handler_class: type[CompletionHandler] = Completio
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     limits = Limits(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Limits)})
-    generator = ModelGenerator.from_checkpoint(
-        FLAGS.checkpoint,
-        max_input_length=FLAGS.max_input_length,
-        max_batch_size=FLAGS.max_batch_size,
-        max_decode_length=limits.max_tokens_limit,
-    )
+    try:
+        generator = ModelGenerator.from_checkpoint(
+            FLAGS.checkpoint,
+            max_input_length=FLAGS.max_input_length,
+            max_batch_size=FLAGS.max_batch_size,
+            max_decode_length=limits.max_tokens_limit,
+        )
+    except (UserError, OSError) as e:  # a missing, corrupt or mismatched checkpoint
+        raise SystemExit(f"error: {e}") from None
+    if generator.model.vocabulary is None:  # prompts are text: no vocabulary, no request works
+        raise SystemExit(
+            f"error: {FLAGS.checkpoint}: the checkpoint has no vocabulary (spiece.model, or a "
+            "tokenizer.json for a HF folder); serve needs one to read prompts"
+        )
     if FLAGS.warmup:
         t0 = time.monotonic()
         n = generator.warmup(limits.max_tokens_limit)
