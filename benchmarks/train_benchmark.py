@@ -96,6 +96,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from distill_sbs import optimizers, partitioning  # noqa: E402
+from distill_sbs.flops import sequence_train_flops  # noqa: E402
 from distill_sbs.models import EncoderDecoderModel  # noqa: E402
 from distill_sbs.network import T5Config  # noqa: E402
 from distill_sbs.trainer import Trainer, add_metrics  # noqa: E402
@@ -104,21 +105,6 @@ Batch = dict[str, np.ndarray]
 
 
 # ---- model FLOPs -------------------------------------------------------------------------------
-
-
-def sequence_train_flops(cfg: T5Config, input_len: int, target_len: int) -> float:
-    """Matmul FLOPs of one (input, target) sequence pair through forward and backward (3x fwd)."""
-    e, hd, f, v = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
-    n_wi = len(cfg.mlp_activations)
-    mlp = 2 * e * f * n_wi + 2 * f * e
-    enc_tok = cfg.num_encoder_layers * (4 * 2 * e * hd + mlp)
-    cross_kv_tok = cfg.num_decoder_layers * 2 * 2 * e * hd  # cross-attention keys/values
-    dec_tok = cfg.num_decoder_layers * (6 * 2 * e * hd + mlp) + 2 * e * v  # + logits
-    li, lt = input_len, target_len
-    fwd = li * (enc_tok + cross_kv_tok) + lt * dec_tok
-    fwd += cfg.num_encoder_layers * 4 * li * li * hd  # scores + weighted values
-    fwd += cfg.num_decoder_layers * 4 * (lt * lt + lt * li) * hd
-    return 3.0 * fwd
 
 
 def packed_segments(batch: Batch) -> list[tuple[int, int, int]]:

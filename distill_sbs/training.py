@@ -5,7 +5,8 @@ checkpoint manager; `restore_state` resumes from MODEL_DIR's latest checkpoint, 
 INITIAL_CHECKPOINT_PATH, else from a fresh init; `train_batches` is this host's deterministic
 stream, skipped to the saved position. Then each `train_iteration` runs one compiled step and adds
 its metric sums on device; every `log_period` steps (clu's ReportProgress decides, and measures
-steps/s) `log_train` fetches them, the loop's only host synchronisation, and writes them through
+steps/s; the host counts each batch's real tokens and model FLOPs, flops.py, for tokens/s and MFU)
+`log_train` fetches them, the loop's only host synchronisation, and writes them through
 clu metric writers (TensorBoard under MODEL_DIR/train, MODEL_DIR/train_metrics.jsonl); a
 checkpoint every `checkpoint_period` steps and at the end; `PeriodicEval` every `eval_period` steps
 and at the end (TensorBoard under MODEL_DIR/eval); `finish` writes final_metrics.json.
@@ -28,7 +29,7 @@ import tensorflow as tf
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from distill_sbs import checkpoints, distillation, optimizers, partitioning
+from distill_sbs import checkpoints, distillation, flops, optimizers, partitioning
 from distill_sbs.errors import UserError
 from distill_sbs.evaluation import TaskEvaluator
 from distill_sbs.losses import summarize_metrics
@@ -101,11 +102,14 @@ def train(
         on_steps=[end_step],
         writer=writers.progress,
     )
+    progress.throughput = throughput_counter(run)
     progress(start_step)  # the first call only starts the clock
     acc, train_summary, eval_metrics = None, {}, {}
     step = start_step
     for step in range(start_step + 1, end_step + 1):
-        state, acc = train_iteration(run, state, next(batches), acc)
+        host_batch = next(batches)
+        progress.throughput.add(host_batch)
+        state, acc = train_iteration(run, state, host_batch, acc)
         if progress(step):  # every log_period steps and at end_step
             train_summary = log_train(run, cfg, step, jax.device_get(acc), progress, writers.train)
             acc = None
@@ -397,13 +401,27 @@ def create_writers(model_dir: str) -> Writers:
 
 
 class _ReportProgress(periodic_actions.ReportProgress):
-    """clu's ReportProgress that also keeps the steps/s it measured last, for the log line."""
+    """clu's ReportProgress that also keeps the steps/s it measured last, for the log line, and
+    the model FLOPs and tokens of the steps since the last log (for tokens/s and MFU)."""
 
     steps_per_sec = float("nan")
+    throughput: flops.Throughput | None = None
 
     def _apply(self, step: int, t: float) -> None:
         self.steps_per_sec = (step - self._previous_step) / (t - self._previous_time)
         super()._apply(step, t)
+
+
+def throughput_counter(run: Run) -> flops.Throughput:
+    """Counts model FLOPs of this host's batches against the peak of the devices that run them:
+    per-device peaks from the device kind; on CPU one measured matmul peak for the whole host
+    (simulated CPU devices share its cores)."""
+    peak, source = flops.peak_flops_per_device()
+    if jax.local_devices()[0].platform != "cpu":
+        peak *= jax.local_device_count()
+    if jax.process_index() == 0:
+        print(f"MFU peak: {peak / 1e12:.3f} TFLOP/s ({source})", flush=True)
+    return flops.Throughput(run.model.config, peak)
 
 
 def log_train(
@@ -428,9 +446,14 @@ def log_train(
     per_obj = " ".join(
         f"{k}={v:.4f}" for k, v in summary.items() if k.endswith(("/loss", "/accuracy"))
     )
+    rates = ""
+    if progress.throughput is not None:  # the window's real tokens/s and model FLOPs utilisation
+        summary.update(progress.throughput.summary(sps))
+        rates = f" {summary['tokens_per_s']:.0f} tokens/s, MFU {100 * summary['mfu']:.1f}%,"
     print(
         f"step {step}/{cfg.train_steps} loss={summary['loss']:.4f} {per_obj} | "
-        f"{sps:.2f} steps/s, {sps * cfg.batch_size:.1f} examples/s, ETA {eta / 60:.1f} min",
+        f"{sps:.2f} steps/s, {sps * cfg.batch_size:.1f} examples/s,{rates} "
+        f"ETA {eta / 60:.1f} min",
         flush=True,
     )
     writer.write_scalars(step, summary)

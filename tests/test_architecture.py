@@ -17,6 +17,7 @@ LAYERS: list[set[str]] = [
     {
         "parsing",
         "network",
+        "flops",
         "losses",
         "partitioning",
         "optimizers",

@@ -131,6 +131,35 @@ def test_dropout_is_random_by_rng_and_off_by_default():
         model.logits(params, enc, dec, enable_dropout=True)
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+@pytest.mark.parametrize("impl", ["raw", "threefry2x32", "rbg"])
+def test_dropout_rate_scaling_and_independence(rate, impl):
+    from distill_sbs.network import Dropout
+
+    key = jax.random.PRNGKey(3) if impl == "raw" else jax.random.key(3, impl=impl)
+    x = jnp.ones((64, 257, 33), jnp.float32)  # odd sizes: draws are four per threefry call
+    y = np.asarray(Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": key}))
+    kept = y != 0
+    n = kept.size
+    # the drop rate within 4 standard deviations of a Bernoulli(rate) count
+    assert abs((1 - kept.mean()) - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
+    # kept values are scaled by the exact inverse of the keep probability: unbiased mean
+    scale = np.unique(y[kept])
+    assert scale.size == 1 and abs(scale[0] * (1 - rate) - 1) < 2**-15
+    # independent positions: neighbours (in the last axis and across rows) are uncorrelated
+    k = kept.astype(np.float64) - kept.mean()
+    for a, b in [(k[..., 1:], k[..., :-1]), (k[1:], k[:-1])]:
+        corr = np.mean(a * b) / np.var(k)
+        assert abs(corr) < 4 / np.sqrt(a.size)
+    # deterministic per key, different across keys, identity when deterministic
+    again = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": key})
+    np.testing.assert_array_equal(y, again)
+    other_key = jax.random.PRNGKey(4) if impl == "raw" else jax.random.key(4, impl=impl)
+    other = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": other_key})
+    assert np.mean((np.asarray(other) != 0) == kept) < 1 - rate / 2
+    np.testing.assert_array_equal(Dropout(rate).apply({}, x, deterministic=True), x)
+
+
 def test_params_logical_axes_cover_every_parameter():
     model = EncoderDecoderModel(tiny_config(vocab_size=64))
     params = model.init_params(jax.random.PRNGKey(0))
