@@ -47,6 +47,9 @@ setup(
             "transformers>=4.44",
             "torch==2.13.0",
             "openai>=1.40",  # tests/test_serve_openai.py: the official client against serve
+            # tests/test_gcs.py: a GCS emulator on loopback, reached by epath through gcsfs
+            "gcp-storage-emulator>=2024.8",
+            "gcsfs>=2024.6",
         ],
     },
 )

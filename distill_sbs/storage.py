@@ -129,10 +129,11 @@ def write_text(path: PathLike, text: str) -> None:
     already all-or-nothing.
     """
     p = epath.Path(path)
-    makedirs(p.parent)
     if is_remote(path):
+        check_bucket(path)  # names the file, not its folder
         p.write_text(text, encoding="utf-8")
         return
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex}"
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -145,10 +146,11 @@ def write_text(path: PathLike, text: str) -> None:
 def write_bytes(path: PathLike, data: bytes) -> None:
     """Like write_text, for bytes."""
     p = epath.Path(path)
-    makedirs(p.parent)
     if is_remote(path):
+        check_bucket(path)  # names the file, not its folder
         p.write_bytes(data)
         return
+    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.parent / f".{p.name}.tmp-{uuid.uuid4().hex}"
     try:
         tmp.write_bytes(data)
@@ -164,7 +166,10 @@ def write_json(path: PathLike, value: Any) -> None:
 
 def copy(src: PathLike, dst: PathLike) -> None:
     """Copies one file, local or remote on either side, streaming (never whole in memory)."""
-    makedirs(epath.Path(dst).parent)
+    if is_remote(dst):
+        check_bucket(dst)
+    else:
+        epath.Path(dst).parent.mkdir(parents=True, exist_ok=True)
     with epath.Path(src).open("rb") as fin, epath.Path(dst).open("wb") as fout:
         shutil.copyfileobj(fin, fout, length=16 << 20)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,9 +26,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 from clu import metric_writers, periodic_actions
-from etils import epath
 
-from distill_sbs import checkpoints, distillation, flops, optimizers, partitioning
+from distill_sbs import checkpoints, distillation, flops, optimizers, partitioning, storage
 from distill_sbs.errors import UserError
 from distill_sbs.evaluation import TaskEvaluator
 from distill_sbs.losses import summarize_metrics
@@ -187,10 +185,8 @@ def setup(cfg: TrainConfig, partitioner: partitioning.Partitioner) -> Run:
             f"BATCH_SIZE={cfg.batch_size} must be divisible by the data-parallel size "
             f"{partitioner.data_size} and the number of processes {num_hosts} (JAX_NUM_PROCESSES)"
         )
-    model_dir = cfg.model_dir
-    if "://" not in model_dir:  # keep gs:// and other URLs as they are
-        model_dir = os.path.abspath(os.path.expanduser(model_dir))
-    epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+    model_dir = storage.resolve(cfg.model_dir)  # gs:// and other URLs stay as they are
+    storage.makedirs(model_dir)
     vocabulary = task_vocabulary(cfg.mixture_or_task_name)
     config = cfg.model_config or T5Config()
     model = build_model(config, vocabulary)
@@ -278,14 +274,17 @@ def restore_state(run: Run, cfg: TrainConfig) -> tuple[TrainState, int, int]:
 
 
 def load_initial_params(path: str, abstract_params: Any) -> Any:
-    """Parameters of a native checkpoint / MODEL_DIR / HF folder, checked against the model."""
+    """Parameters of a native checkpoint / MODEL_DIR / HF folder (local or gs://), checked against
+    the model from the checkpoint's config, then restored straight into the shardings of
+    `abstract_params` (orbax for native checkpoints; HF tensors one at a time)."""
     from distill_sbs import models
 
-    _, params = models.load(path)
-    want = jax.tree_util.tree_leaves_with_path(abstract_params)
-    got = dict(jax.tree_util.tree_leaves_with_path(params))
-    got = {jax.tree_util.keystr(k): v for k, v in got.items()}
-    for k, a in want:
+    if not storage.exists(path):
+        raise FileNotFoundError(f"INITIAL_CHECKPOINT_PATH={path}: no such checkpoint directory")
+    config = models.read_config(path)
+    stored = jax.eval_shape(models.EncoderDecoderModel(config).init_params, jax.random.PRNGKey(0))
+    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+    for k, a in jax.tree_util.tree_leaves_with_path(abstract_params):
         key = jax.tree_util.keystr(k)
         if key not in got:
             raise ValueError(f"INITIAL_CHECKPOINT_PATH={path}: no parameter {key} (model mismatch)")
@@ -294,6 +293,7 @@ def load_initial_params(path: str, abstract_params: Any) -> Any:
                 f"INITIAL_CHECKPOINT_PATH={path}: parameter {key} has shape {got[key].shape}, "
                 f"the model (gin T5Config) wants {a.shape}"
             )
+    _, params = models.load(path, abstract_params=abstract_params)
     return params
 
 
@@ -346,8 +346,9 @@ class JsonlWriter(metric_writers.MetricWriter):
     """A clu MetricWriter appending one JSON line {"step", **scalars} per write_scalars call.
     Scalars only: images, audio, histograms and the like go to TensorBoard."""
 
-    def __init__(self, path: epath.PathLike) -> None:
-        self._file = epath.Path(path).open("a")
+    def __init__(self, path: str) -> None:
+        # A local file (create_writers mirrors it when MODEL_DIR is remote): appends need one.
+        self._file = storage.Path(path).open("a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
@@ -393,11 +394,42 @@ def create_writers(model_dir: str) -> Writers:
     """The run's metric writers; on hosts other than the first they write nothing."""
     if jax.process_index() != 0:
         return Writers(metric_writers.MultiWriter([]), None, metric_writers.MultiWriter([]))
-    root = epath.Path(model_dir)
+    mirror = None
+    root = model_dir
+    if storage.is_remote(model_dir):
+        # tf.summary writes through tf.io.gfile and object stores cannot append: for a remote
+        # MODEL_DIR both writers write to a local directory, copied up after every write.
+        mirror = storage.LocalMirror(model_dir, pull=(METRICS_FILE,))
+        root = mirror.local
     # Synchronous writers: a logged line is on disk before the loop goes on (see JsonlWriter).
-    tensorboard = metric_writers.SummaryWriter(str(root / "train"))
-    train = metric_writers.MultiWriter([tensorboard, JsonlWriter(root / METRICS_FILE)])
-    return Writers(train, tensorboard, metric_writers.SummaryWriter(str(root / "eval")))
+    tensorboard = metric_writers.SummaryWriter(storage.join(root, "train"))
+    train = [tensorboard, JsonlWriter(storage.join(root, METRICS_FILE))]
+    evals = [metric_writers.SummaryWriter(storage.join(root, "eval"))]
+    if mirror is None:
+        return Writers(metric_writers.MultiWriter(train), tensorboard, evals[0])
+    progress = _Mirrored([tensorboard], mirror)
+    return Writers(_Mirrored(train, mirror), progress, _Mirrored(evals, mirror))
+
+
+class _Mirrored(metric_writers.MultiWriter):
+    """Writers into a LocalMirror's directory, pushed to the remote MODEL_DIR after each scalar
+    write and at flush/close (what a SIGKILL can lose is the last unpushed write)."""
+
+    def __init__(self, writers: list[metric_writers.MetricWriter], mirror: Any) -> None:
+        super().__init__(writers)
+        self._mirror = mirror
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        super().write_scalars(step, scalars)
+        self.flush()
+
+    def flush(self) -> None:
+        super().flush()
+        self._mirror.push()
+
+    def close(self) -> None:
+        super().close()
+        self._mirror.push()
 
 
 class _ReportProgress(periodic_actions.ReportProgress):
@@ -579,8 +611,7 @@ def finish(
     writers.eval.close()
     final = {**{f"train/{k}": v for k, v in train_summary.items()}, **eval_metrics}
     if jax.process_index() == 0:
-        path = epath.Path(run.model_dir) / FINAL_METRICS_FILE
-        path.write_text(json.dumps({"step": step, **final}, indent=2))
+        storage.write_json(storage.join(run.model_dir, FINAL_METRICS_FILE), {"step": step, **final})
         print(f"final metrics (step {step}):")
         for k, v in sorted(final.items()):
             print(f"  {k}: {v:.4f}")
