@@ -92,7 +92,7 @@ def _line_plot(ax, rows, axes, value: str, x_axis: str, numeric_x: bool) -> None
             )
             if not numeric_x:
                 ax.set_xticks(positions, xs)
-    ax.set_ylabel(f"test {value}")
+    ax.set_ylabel(value.replace("_", " ", 1) if value.startswith("test_") else value)
     ax.grid(alpha=0.3)
     ax.legend()
 
