@@ -38,7 +38,7 @@ class KD:
     """Distillation settings of a training run.
 
     teacher: a teacher checkpoint (native or Hugging Face T5) run online; None reads the top-k
-      log-probabilities saved with the records (DatasetOptions.teacher_topk).
+      log-probabilities saved with the records (teacher_topk_path.path).
     weights: objective name -> gamma_k, the weight of that objective's divergence term.
     kind, beta, temperature, scale_by_t2: see losses.distillation_divergence.
     teacher_dtype: "bfloat16" runs the online teacher's parameters and activations in bf16.
@@ -139,11 +139,14 @@ class OfflineTopK:
         if topk_store.ID_FEATURE not in batch:
             raise ValueError(
                 "KD without KD.teacher reads saved top-k log-probabilities, but the batch has "
-                f"no {topk_store.ID_FEATURE!r}: set DatasetOptions.teacher_topk to the top-k file"
+                f"no {topk_store.ID_FEATURE!r}: set teacher_topk_path.path to the top-k file"
             )
         ids, logprobs = topk_store.decode_features(
             batch[topk_store.ID_FEATURE], batch[topk_store.LOGPROB_FEATURE]
         )
+        if ids.ndim == 2:  # [b, length * k] as the feature converter packs them
+            shape = (*batch["decoder_target_tokens"].shape, -1)
+            ids, logprobs = ids.reshape(shape), logprobs.reshape(shape)
         stored = ids.shape[-1]
         if self.k is not None:
             if self.k > stored:

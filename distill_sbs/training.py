@@ -72,10 +72,9 @@ def train(
     """Trains until `train_steps` (resuming from MODEL_DIR); returns the final metrics.
 
     stop_after_steps: end this process after that many steps (for tests and time-sliced jobs);
-    a later run resumes from the final save.
+    a later run resumes from the final save. kd: logit distillation (distillation.KD), or None.
     eval_loss_batches: at each evaluation also report the teacher-forced loss and token accuracy
     per objective on that many batches of the eval split (0: predictions and metrics only).
-    kd: logit distillation (distillation.KD: teacher source and divergence terms), or None.
     """
     args = dict(locals())  # the arguments above, as one value the steps below read
     partitioner = args.pop("partitioner") or partitioning.create_partitioner()

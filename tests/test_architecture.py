@@ -69,6 +69,7 @@ LAYERS: list[set[str]] = [
         "serve.cli",
         "serve.__main__",
         "annotate",
+        "annotate_topk",
         "tasks",
         "data.report",
         "",

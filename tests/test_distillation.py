@@ -379,3 +379,64 @@ def test_online_teacher_vocabulary_must_match(tmp_path):
         str(tmp_path / "t"), 64, create_partitioner(), dtype="bfloat16"
     )
     assert jax.tree.leaves(t.params)[0].dtype == jnp.bfloat16
+
+
+@pytest.mark.slow  # writes top-k for 800 examples and builds packed and unpacked batches
+def test_saved_topk_through_the_feature_converter_matches_the_teacher(tmp_path):
+    import distill_sbs.tasks  # noqa: F401  registers arith
+    import gin
+
+    from distill_sbs import data
+    from distill_sbs.network import Packing
+
+    model = EncoderDecoderModel(tiny_config())
+    params = model.init_params(jax.random.PRNGKey(3))
+    path = str(tmp_path / "arith.topk.npz")
+    size = distillation.write_topk(model, params, "arith_dss", path, k=4, batch_size=64)
+    assert 4 * 2 * 2 + 2 <= size < 4 * 2 * 2 + 6  # uint16 ids, float16 log-probs, target, keys
+    gin.bind_parameter("teacher_topk_path.path", path)
+    try:
+        for pack in (True, False):
+            ds = data.get_dataset(
+                "arith_dss", task_feature_lengths={"inputs": 64, "targets": 64}, split="train",
+                batch_size=4, shuffle=False, pack=pack, repeat=False,
+            )  # fmt: skip
+            batch = next(ds.as_numpy_iterator())
+            ids, lp = distillation.OfflineTopK()(None, jax.tree.map(jnp.asarray, batch))
+            logits = model.logits(
+                params, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                packing=Packing.from_features(batch),
+            )  # fmt: skip
+            online = np.asarray(jax.nn.log_softmax(logits, -1))
+            real = batch["decoder_loss_weights"] > 0
+            assert real.sum() > 0 and ids.shape[-1] == 4
+            at_ids = np.take_along_axis(online, np.asarray(ids), -1)
+            np.testing.assert_allclose(np.asarray(lp)[real], at_ids[real], atol=5e-3)
+            best = -np.sort(-online, -1)[..., :4]
+            np.testing.assert_allclose(at_ids[real], best[real], atol=1e-5)
+    finally:
+        gin.bind_parameter("teacher_topk_path.path", None)
+
+
+def test_offline_teacher_checks_vocabulary_and_k(tmp_path):
+    import gin
+
+    path = str(tmp_path / "t.npz")
+    topk_store.save(path, _entries(k=3, vocab=50), vocab_size=50)
+    kd = distillation.KD(weights={"rationale": 1.0})
+    with pytest.raises(ValueError, match="no top-k file is set"):
+        distillation.build_teacher(kd, 50, create_partitioner())
+    gin.bind_parameter("teacher_topk_path.path", path)
+    try:
+        with pytest.raises(ValueError, match="teacher with 50 vocabulary ids, the student has 64"):
+            distillation.build_teacher(kd, 64, create_partitioner())
+        with pytest.raises(ValueError, match="KD.topk=4 is larger than the 3 stored"):
+            distillation.build_teacher(
+                distillation.KD(weights={"rationale": 1.0}, topk=4), 50, create_partitioner()
+            )
+        teacher = distillation.build_teacher(kd, 50, create_partitioner())
+        assert isinstance(teacher, distillation.OfflineTopK)
+    finally:
+        gin.bind_parameter("teacher_topk_path.path", None)
+    with pytest.raises(ValueError, match="names objective\\(s\\) \\['rationale'\\]"):
+        kd.loss_fields(["label"])

@@ -10,7 +10,8 @@ import tensorflow as tf
 OBJECTIVE_FEATURE = "objective_id"  # int32 [1] (or scalar) per task example: its objective's index
 _TARGET_OBJECTIVES = "targets_objective"  # the id repeated over the target tokens, packed alongside
 # Saved teacher top-k (data/topk.py): example features int32 [target length, k] (encoded, never
-# 0) flattened for the packer, then model features int32 [length, k].
+# 0), flattened token-major for the packer; model features int32 [length * k] (seqio packs rank-1
+# features only; distillation.OfflineTopK reshapes them to [length, k]).
 TOPK_EXAMPLE_FEATURES = {
     "teacher_topk_ids": "decoder_topk_ids",
     "teacher_topk_logprobs": "decoder_topk_logprobs",
@@ -36,6 +37,14 @@ class ObjectiveEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     ) -> tf.data.Dataset:
         # seqio.Evaluator, left to measure lengths itself, also lists objective_id (length 1).
         lengths = {k: v for k, v in task_feature_lengths.items() if k != OBJECTIVE_FEATURE}
+        topk = [n for n in TOPK_EXAMPLE_FEATURES if n in ds.element_spec]
+        self._topk_k = ds.element_spec[topk[0]].shape[-1] if topk else None
+        if topk:  # seqio keeps only the declared model features
+            spec = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
+            self.MODEL_FEATURES = {
+                **type(self).MODEL_FEATURES,
+                **{TOPK_EXAMPLE_FEATURES[n]: spec for n in topk},
+            }
         return super().__call__(ds, lengths)
 
     def _convert_features(
@@ -61,7 +70,6 @@ class ObjectiveEncDecFeatureConverter(seqio.EncDecFeatureConverter):
             return out
 
         topk = [n for n in TOPK_EXAMPLE_FEATURES if n in ds.element_spec]
-        self._topk_k = ds.element_spec[topk[0]].shape[-1] if topk else None
         ds = ds.map(broadcast, num_parallel_calls=tf.data.AUTOTUNE)
         lengths = {**task_feature_lengths, _TARGET_OBJECTIVES: task_feature_lengths["targets"]}
         lengths.update({n: task_feature_lengths["targets"] * self._topk_k for n in topk})
@@ -73,7 +81,7 @@ class ObjectiveEncDecFeatureConverter(seqio.EncDecFeatureConverter):
         d["decoder_objective_ids"] = tf.maximum(features[_TARGET_OBJECTIVES] - 1, 0)
         for name, model_name in TOPK_EXAMPLE_FEATURES.items():
             if name in features:
-                d[model_name] = tf.reshape(features[name], [-1, self._topk_k])
+                d[model_name] = features[name]
         return d
 
     def get_model_feature_lengths(
@@ -81,4 +89,7 @@ class ObjectiveEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     ) -> Mapping[str, int]:
         lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
         lengths["decoder_objective_ids"] = task_feature_lengths["targets"]
+        if getattr(self, "_topk_k", None):
+            for name in TOPK_EXAMPLE_FEATURES.values():
+                lengths[name] = task_feature_lengths["targets"] * self._topk_k
         return lengths

@@ -520,6 +520,10 @@ def get_dataset(
             f"got {task_feature_lengths}"
         )
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
+    extra = {}
+    if isinstance(provider, seqio.Mixture) and topk.teacher_topk_path():
+        # A mixture keeps only its output features unless told otherwise.
+        extra["passthrough_features"] = [topk.EXAMPLE_IDS, topk.EXAMPLE_LOGPROBS]
     ds = provider.get_dataset(
         sequence_length=dict(task_feature_lengths),
         split=split,
@@ -528,6 +532,7 @@ def get_dataset(
         seed=seed,
         num_epochs=None if repeat else 1,
         trim_output_features=True,
+        **extra,
     )
     ds = ObjectiveEncDecFeatureConverter(pack=pack)(ds, dict(task_feature_lengths))
     ds = ds.batch(batch_size * num_shards, drop_remainder=repeat or num_shards > 1)

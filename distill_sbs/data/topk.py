@@ -2,7 +2,7 @@
 
 One `.npz` file per dataset split (numpy, uncompressed; `bytes_per_token` reports its size):
 
-    keys       str [n]         "<example id>\\t<objective name>" of each stored target
+    keys       bytes [n]       "<example id>\\t<objective name>" (UTF-8) of each stored target
     offsets    int64 [n + 1]   rows of entry i are offsets[i]:offsets[i + 1]
     targets    uint16|uint32 [rows]     the target token ids (EOS included) the teacher scored
     ids        uint16|uint32 [rows, k]  the teacher's k most likely next tokens, best first
@@ -12,7 +12,7 @@ One `.npz` file per dataset split (numpy, uncompressed; `bytes_per_token` report
 Each example of the train split finds its entry by (id, objective); the stored targets must equal
 the example's tokenized target, so a file written for other records or another tokenizer is an
 error rather than silent noise. In a batch, the entries travel through seqio packing as two
-int32 features of shape [length, k] (ID_FEATURE, LOGPROB_FEATURE): ids + 1 and the float32 bits
+int32 features of shape [length * k] (ID_FEATURE, LOGPROB_FEATURE): ids + 1 and the float32 bits
 of the log-probabilities + 1, so that no stored value is 0 (seqio's packer measures a sequence by
 its non-zero entries; 0 is padding) and the log-probabilities pass unchanged.
 """
@@ -29,7 +29,7 @@ from distill_sbs import storage
 from distill_sbs.data.feature_converter import TOPK_EXAMPLE_FEATURES
 
 EXAMPLE_IDS, EXAMPLE_LOGPROBS = TOPK_EXAMPLE_FEATURES  # int32 [target length, k], encoded
-ID_FEATURE = TOPK_EXAMPLE_FEATURES[EXAMPLE_IDS]  # model features, int32 [batch, length, k]
+ID_FEATURE = TOPK_EXAMPLE_FEATURES[EXAMPLE_IDS]  # model features, int32 [batch, length * k]
 LOGPROB_FEATURE = TOPK_EXAMPLE_FEATURES[EXAMPLE_LOGPROBS]
 
 
@@ -121,7 +121,7 @@ def save(
     with storage.Path(path).open("wb") as f:
         np.savez(
             f,
-            keys=np.asarray(keys),
+            keys=np.asarray([k.encode() for k in keys], np.bytes_),  # 1 byte/char, not 4
             offsets=np.asarray(offsets, np.int64),
             targets=np.concatenate(targets).astype(dtype),
             ids=np.concatenate(ids).astype(dtype),
@@ -136,7 +136,7 @@ def load(path: str) -> TopKStore:
         raise FileNotFoundError(f"{path}: no such top-k file")
     with storage.Path(path).open("rb") as f, np.load(f) as z:
         store = TopKStore(
-            keys=[str(k) for k in z["keys"]],
+            keys=[k.decode() for k in z["keys"].tolist()],
             offsets=z["offsets"],
             targets=z["targets"].astype(np.int64),
             ids=z["ids"].astype(np.int64),
