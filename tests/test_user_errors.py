@@ -328,10 +328,8 @@ def test_corrupt_checkpoint_is_one_user_error_naming_the_path(tmp_path, capfd):
         (garbled, f"{garbled}/params: cannot be restored"),
         (bad_config, f"{bad_config}/config.json: not a checkpoint description"),
     ]:
-        with pytest.raises(UserError, match=where):
-            models.load(path)
         capfd.readouterr()
-        with pytest.raises(SystemExit) as e:  # what eval/infer/train print
+        with pytest.raises(SystemExit) as e:  # a UserError, as eval/infer/train print it
             cli.call_reporting_user_errors(lambda p=path: models.load(p))
         err = capfd.readouterr().err
         assert e.value.code == 2 and err.startswith(f"error: {where}"), err
