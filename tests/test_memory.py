@@ -6,11 +6,13 @@ entry point plans a 2-way model-parallel mesh on simulated devices."""
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
 import jax
 import optax
+import pytest
 from _tiny_t5 import tiny_config
 
 from distill_sbs import memory
@@ -19,6 +21,9 @@ from distill_sbs.partitioning import Partitioner, create_mesh
 from distill_sbs.trainer import Trainer
 
 LENGTHS = {"inputs": 32, "targets": 16}
+GPU_CONFIGS = sorted(
+    p.name for p in (pathlib.Path(memory.__file__).parent / "gin/gpu").glob("*.gin")
+)
 STEP_COUNTER = 4  # the int32 step of the train state
 
 
@@ -93,3 +98,30 @@ def test_entry_point_plans_a_model_parallel_mesh(tmp_path, repo_dir, subprocess_
     assert plan["batch"] == batch_rows
     assert plan["arguments"] == plan["params"] + plan["opt_state"] + batch_rows + STEP_COUNTER
     assert not (tmp_path / "never").exists()
+
+
+def test_gpu_configs_cover_three_sizes_and_two_memories():
+    sizes, memories = ("small", "base", "large"), ("24gb", "80gb")
+    assert GPU_CONFIGS == sorted(f"t5_1_1_{s}_{m}.gin" for s in sizes for m in memories)
+
+
+@pytest.mark.parametrize("name", GPU_CONFIGS)
+def test_gpu_configs_compose_with_the_paper_run(name):
+    """Each gin/gpu config after paper/base.gin: bfloat16 activations, microbatches that divide
+    the paper's batch, an optimizer that accepts the paper's settings."""
+    import gin
+
+    from distill_sbs import cli, optimizers
+    from distill_sbs.network import T5Config
+
+    cli.import_builtin_tasks()
+    gin.clear_config()
+    try:
+        bindings = ["METHOD = 'dss'", "PRETRAINED_DIR = '/ckpt'", "MODEL_DIR = '/run'"]
+        cli.parse_gin(["paper/base.gin", "paper/cqa.gin", f"gpu/{name}"], bindings, [])
+        train = gin.get_bindings("train")
+        assert T5Config().dtype == "bfloat16"
+        assert train["batch_size"] == 64 and 64 % train["num_microbatches"] == 0
+        optimizers.create_optimizer(total_steps=train["train_steps"])
+    finally:
+        gin.clear_config()
