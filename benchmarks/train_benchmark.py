@@ -31,7 +31,8 @@ packed batch (the SeqIO mixture samples the two objectives independently at rate
 Each side runs one untimed warm-up step (ours: compilation; reported), then --steps timed steps,
 ours and the reference alternating in --rounds blocks so that load changes hit both alike.
 
-Model FLOPs (for MFU) are counted per sequence from its real (unpadded) lengths, matmuls only:
+Model FLOPs (for MFU; `distill_sbs.flops.sequence_train_flops`, the formula the training log
+uses) are counted per sequence from its real (unpadded) lengths, matmuls only:
 projections, MLP, logits, and attention scores/values over the sequence's own length (the full
 square for causal self-attention, by convention), times 3 for forward + backward. Both sides thus
 get the same FLOPs for the same example; padding and packing overheads count as lost utilisation.
