@@ -143,9 +143,14 @@ def test_two_processes_equal_one_and_resume_after_sigkill(tmp_path, repo_dir, su
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert abs(got[step] - ref[step]) <= 1e-6 * max(1.0, abs(ref[step])), (step, got, ref)
-    # One checkpoint per step directory, written once, in the shared MODEL_DIR.
+    # The processes wrote one MODEL_DIR laid out as the one-process run's: no per-process files,
+    # no checkpoint left half-written by the kill next to the complete ones.
     assert max(step_dirs(two_dir)) == STEPS
-    assert sorted(os.listdir(two_dir)).count(f"checkpoint_{STEPS}") == 1
+    assert sorted(os.listdir(two_dir)) == sorted(os.listdir(one_dir))
+    for step in step_dirs(two_dir):
+        assert sorted(os.listdir(f"{two_dir}/checkpoint_{step}")) == sorted(
+            os.listdir(f"{one_dir}/checkpoint_{step}")
+        )
 
 
 def test_host_shards_are_disjoint_rows_of_the_one_host_batch():
