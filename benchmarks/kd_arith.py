@@ -20,7 +20,7 @@ from absl import app, flags
 
 _OUT = flags.DEFINE_string("out_dir", "/tmp/kd_arith", "where teacher and students are trained")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "student seeds")
-_JSON = flags.DEFINE_string("json", None, "write the results here (default: <out_dir>/results.json)")
+_JSON = flags.DEFINE_string("json", None, "results JSON (default: <out_dir>/results.json)")
 
 METHODS = {  # name -> (task, extra gin files)
     "fine-tuning": ("arith_finetune", []),
