@@ -40,8 +40,13 @@ class EncoderDecoderModel:
         self._generate_jit = jax.jit(
             self._generate_impl,
             static_argnames=(
-                "max_decode_length", "method", "top_k", "num_beams", "use_top_p",
-                "logprobs_top_k", "step_callback",
+                "max_decode_length",
+                "method",
+                "top_k",
+                "num_beams",
+                "use_top_p",
+                "logprobs_top_k",
+                "step_callback",
             ),  # fmt: skip
         )
 
