@@ -347,3 +347,23 @@ def test_truncated_hf_weights_name_the_file(tmp_path):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(UserError, match=f"{weights}: not a readable safetensors file"):
         models.load(str(tmp_path / "hf"))
+
+
+def test_missing_data_dir_and_malformed_jsonl_are_user_errors_naming_them(tmp_path, monkeypatch):
+    import distill_sbs.tasks  # noqa: F401  (registers cqa)
+
+    from distill_sbs import data
+    from distill_sbs.data.records import read_jsonl
+
+    monkeypatch.delenv("DISTILL_SBS_DATA_DIR", raising=False)
+    with pytest.raises(UserError, match="DISTILL_SBS_DATA_DIR"):
+        data.load_records("cqa", "train")
+    missing = tmp_path / "no_such_release"
+    monkeypatch.setenv("DISTILL_SBS_DATA_DIR", str(missing))
+    # cli.run reports FileNotFoundError as a user error too (one line, exit 2).
+    with pytest.raises(FileNotFoundError, match="no_such_release/cqa/cqa_train.json"):
+        data.load_records("cqa", "train")
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"id": "a", "input": "ok"}\n{"id": "b", "input": \n')
+    with pytest.raises(UserError, match=r"records\.jsonl:2"):
+        read_jsonl(path)
