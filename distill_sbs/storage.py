@@ -96,9 +96,19 @@ def check_bucket(path: PathLike) -> None:
     _checked_buckets.add(bucket)
 
 
+def _current(path: PathLike) -> epath.Path:
+    """`path`, with fsspec's cached listing of it dropped: gcsfs would otherwise read a file that
+    another process rewrote since this one listed it at its old size (a cut-off last line)."""
+    p = epath.Path(path)
+    backend = getattr(p, "_backend", None)
+    if is_remote(path) and backend is epath.backend.fsspec_backend:
+        backend.fs(os.fspath(path)).invalidate_cache(os.fspath(path))
+    return p
+
+
 def read_text(path: PathLike) -> str:
     """The text of a file; FileNotFoundError naming the path when it is missing."""
-    p = epath.Path(path)
+    p = _current(path)
     try:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError as e:
@@ -106,7 +116,7 @@ def read_text(path: PathLike) -> str:
 
 
 def read_bytes(path: PathLike) -> bytes:
-    p = epath.Path(path)
+    p = _current(path)
     try:
         return p.read_bytes()
     except FileNotFoundError as e:
@@ -170,7 +180,7 @@ def copy(src: PathLike, dst: PathLike) -> None:
         check_bucket(dst)
     else:
         epath.Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    with epath.Path(src).open("rb") as fin, epath.Path(dst).open("wb") as fout:
+    with _current(src).open("rb") as fin, epath.Path(dst).open("wb") as fout:
         shutil.copyfileobj(fin, fout, length=16 << 20)
 
 
