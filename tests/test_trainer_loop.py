@@ -8,20 +8,11 @@ import os
 
 import gin
 import pytest
+from _tiny_t5 import tiny_config
 
 import distill_sbs.optimizers  # noqa: F401  (registers create_optimizer)
-from distill_sbs.network import T5Config
 
-TINY = T5Config(
-    vocab_size=256,
-    emb_dim=32,
-    num_heads=2,
-    head_dim=16,
-    mlp_dim=64,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-    dropout_rate=0.1,
-)
+TINY = tiny_config(emb_dim=32, head_dim=16, mlp_dim=64, dropout_rate=0.1)
 
 
 @pytest.fixture(autouse=True)

@@ -14,20 +14,13 @@ import numpy as np
 import pytest
 import seqio
 import tensorflow as tf
+from _tiny_t5 import tiny_config
 
 from distill_sbs import cli
 from distill_sbs.errors import UserError
 from distill_sbs.network import T5Config
 
-TINY = T5Config(
-    vocab_size=256,
-    emb_dim=32,
-    num_heads=2,
-    head_dim=16,
-    mlp_dim=64,
-    num_encoder_layers=1,
-    num_decoder_layers=1,
-)
+TINY = tiny_config(emb_dim=32, head_dim=16, mlp_dim=64)
 
 
 @pytest.fixture(autouse=True)
