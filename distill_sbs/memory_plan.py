@@ -21,7 +21,7 @@ import json
 
 from absl import flags
 
-from distill_sbs import cli
+from distill_sbs import cli, storage
 
 _DEVICES = flags.DEFINE_integer("devices", None, "plan on this many simulated CPU devices")
 _CAPACITY = flags.DEFINE_multi_float("capacity_gib", [], "device memory to compare with (GiB)")
@@ -60,7 +60,7 @@ def _plan() -> None:
     p = memory.plan(trainer, train["batch_size"], lengths, train.get("pack", True))
     print(memory.format_plan(p, _CAPACITY.value))
     if _JSON_OUT.value:
-        with open(_JSON_OUT.value, "w") as f:
+        with storage.Path(_JSON_OUT.value).open("w") as f:
             json.dump({**dataclasses.asdict(p), "total": p.total}, f, indent=2)
 
 

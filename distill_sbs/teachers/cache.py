@@ -87,8 +87,7 @@ class RequestCache:
                     f.write(b"\n")
             except (ValueError, KeyError, TypeError):
                 self.torn_lines_dropped = 1
-                with local.open("r+b") as f:
-                    f.truncate(good_end)
+                os.truncate(self._local, good_end)  # always a local file (see __init__)
 
     def __len__(self) -> int:
         return len(self._entries)
