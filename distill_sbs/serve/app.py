@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from distill_sbs import storage
 from distill_sbs.generation import GeneratedText
 from distill_sbs.serve.engine import BatchingEngine, Job, QueueFull
 from distill_sbs.serve.protocol import APIError, completion_response, parse_request, stream_chunks
@@ -94,7 +95,8 @@ class ServerState:
         self.count = 0  # completion requests that reached the server
         self.in_flight = 0
         self.max_in_flight = 0
-        self._log_file = open(request_log, "a", encoding="utf-8") if request_log else None
+        log = storage.Path(request_log).open("a", encoding="utf-8") if request_log else None
+        self._log_file = log
 
     def next_number(self) -> int:
         with self.lock:

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from distill_sbs import storage
 from distill_sbs.errors import UserError
 from distill_sbs.serve.app import CompletionHandler, Limits
 from distill_sbs.serve.server import Server, check_auth_settings
@@ -54,7 +55,7 @@ def main(argv: Sequence[str], handler_class: type[CompletionHandler] = Completio
         t0 = time.monotonic()
         n = generator.warmup(limits.max_tokens_limit)
         logger.info("warm-up: %d greedy programs compiled in %.1fs", n, time.monotonic() - t0)
-    name = FLAGS.model_name or os.path.basename(os.path.normpath(FLAGS.checkpoint))
+    name = FLAGS.model_name or storage.Path(FLAGS.checkpoint).name
     server = Server(
         generator,
         host=FLAGS.host,
