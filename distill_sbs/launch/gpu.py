@@ -58,7 +58,9 @@ def slurm_script(
     body = [
         "set -euo pipefail",
         *([setup] if setup else []),
-        'coordinator=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        # sed reads the whole list: `head -n 1` may close the pipe early, and under pipefail
+        # scontrol's SIGPIPE (exit 141) would then fail the job on a long node list.
+        'coordinator=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
         f'export JAX_COORDINATOR_ADDRESS="$coordinator:{port}"',
         'export JAX_NUM_PROCESSES="$SLURM_NNODES"',
         # Single quotes: SLURM_PROCID is each task's own, read inside the task.
