@@ -95,9 +95,11 @@ def gcs(tmp_path_factory, subprocess_env):
         _wait_http(f"{url}/storage/v1/b", proc, timeout=60)
         for k, v in env.items():
             mp.setenv(k, v)
+        _epath_backend_changed()
         yield dict(subprocess_env, **env, TF_CPP_MIN_LOG_LEVEL="3")
     finally:
         mp.undo()
+        _epath_backend_changed()
         proc.terminate()
         try:
             proc.wait(timeout=10)
@@ -105,6 +107,15 @@ def gcs(tmp_path_factory, subprocess_env):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _epath_backend_changed() -> None:
+    """epath caches its first answer to "use tf.io.gfile for gs://?" (a functools.cache in
+    etils.epath.gpath): once an earlier test in this process touched epath, EPATH_USE_TF set
+    here would be ignored and gs:// would go to tf.io.gfile, which cannot reach the emulator."""
+    from etils.epath import gpath
+
+    gpath._is_tf_installed.cache_clear()
 
 
 def _run(args: list[str], env: dict[str, str], cwd, timeout: float = 300):
