@@ -46,18 +46,6 @@ from distill_sbs import cli, sweep_report
 from distill_sbs.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Directory of the sweep: runs/, results.csv, results.md, plots.")
-flags.DEFINE_multi_string("axis", [], "NAME=v1,v2,...: one axis of the grid (repeatable).")
-flags.DEFINE_string("metric", None, "Metric to report (default: the one of train.best_metric).")
-flags.DEFINE_string("test_split", "test", "Split the selected checkpoint is scored on.")
-flags.DEFINE_multi_string("only", [], "Run only these runs (names as in OUT/runs/).")
-flags.DEFINE_boolean("print_commands", False, "Print a command per unfinished run; train nothing.")
-flags.DEFINE_boolean("collect_only", False, "Collect the finished runs' results; train nothing.")
-flags.DEFINE_string(
-    "launcher", "python -m distill_sbs.sweep", "Command prefix for --print_commands."
-)
-flags.DEFINE_string("title", None, "Title of results.md and the plots (default: the OUT name).")
-
 MANIFEST = "sweep.json"  # OUT/sweep.json: the gin files and bindings the runs share
 RUN_MARKER = "sweep_run.json"  # MODEL_DIR/sweep_run.json: what this run is
 RESULT = "sweep_result.json"  # MODEL_DIR/sweep_result.json: its scores, written when done
@@ -433,7 +421,30 @@ def _use_compilation_cache(out: epath.Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def define_flags() -> None:
+    """The sweep's flags, defined only when it runs as a program: defined at import they would
+    clash with other entry points' flags of the same name (--metric, --out) in one process."""
+    flags.DEFINE_string(
+        "out", None, "Directory of the sweep: runs/, results.csv, results.md, plots."
+    )
+    flags.DEFINE_multi_string("axis", [], "NAME=v1,v2,...: one axis of the grid (repeatable).")
+    flags.DEFINE_string("metric", None, "Metric to report (default: the one of train.best_metric).")
+    flags.DEFINE_string("test_split", "test", "Split the selected checkpoint is scored on.")
+    flags.DEFINE_multi_string("only", [], "Run only these runs (names as in OUT/runs/).")
+    flags.DEFINE_boolean(
+        "print_commands", False, "Print a command per unfinished run; train nothing."
+    )
+    flags.DEFINE_boolean(
+        "collect_only", False, "Collect the finished runs' results; train nothing."
+    )
+    flags.DEFINE_string(
+        "launcher", "python -m distill_sbs.sweep", "Command prefix for --print_commands."
+    )
+    flags.DEFINE_string("title", None, "Title of results.md and the plots (default: the OUT name).")
+
+
 def main() -> None:
+    define_flags()
     # cli.run: absl flags, gin parsed once (the shared files and bindings: a typo fails here),
     # user errors as one line and exit status 2.
     cli.run(lambda: sweep(sys.argv))

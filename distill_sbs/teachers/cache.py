@@ -87,7 +87,9 @@ class RequestCache:
                     f.write(b"\n")
             except (ValueError, KeyError, TypeError):
                 self.torn_lines_dropped = 1
-                os.truncate(self._local, good_end)  # always a local file (see __init__)
+                # Rewrite the good part whole (a temporary file renamed over the cache), rather
+                # than truncating in place: the cache is always a local file (see __init__).
+                storage.write_bytes(self._local, data[:good_end])
 
     def __len__(self) -> int:
         return len(self._entries)
