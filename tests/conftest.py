@@ -11,12 +11,10 @@ import os
 import pathlib
 
 import pytest
+from _shared_data import REPO, T5_VOCAB, require_dss
 from _tiny_t5 import tiny_config
 
 from distill_sbs.network import T5Config
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"  # test data that the repository must not copy (design.md)
 
 
 @pytest.fixture(scope="session")
@@ -26,20 +24,14 @@ def repo_dir() -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def dss_dir() -> pathlib.Path:
-    """The Distilling Step-by-Step release (cqa/, svamp/); skips the test where it is absent."""
-    path = SHARED / "data" / "dss"
-    if not path.is_dir():
-        pytest.skip(f"the DSS release is not at {path} (../shared/data/dss)")
-    return path
+    """The Distilling Step-by-Step release (cqa/, svamp/); the test fails where it is absent."""
+    return require_dss()
 
 
 @pytest.fixture(scope="session")
 def t5_vocab() -> pathlib.Path:
-    """T5's SentencePiece model; skips the test where it is absent."""
-    path = SHARED / "vocab" / "t5_spiece.model"
-    if not path.is_file():
-        pytest.skip(f"the T5 vocabulary is not at {path} (../shared/vocab)")
-    return path
+    """T5's SentencePiece model, as the package ships it."""
+    return T5_VOCAB
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from _shared_data import DSS_DIR
 from fakes import FakeGenerator
 
 from distill_sbs.serve import Server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DSS = os.path.join(REPO, "..", "shared", "data", "dss")
+DSS = str(DSS_DIR)
 
 
 def teacher(prompt: str, params, seed) -> str:
@@ -22,7 +23,7 @@ def teacher(prompt: str, params, seed) -> str:
     return " Add one and one. So the answer is ( 1.0 + 1.0 ).\n\nQ: more"
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(DSS, "svamp")), reason=f"{DSS} is absent")
+@pytest.mark.usefixtures("dss_dir")  # fails, naming the path, where the release is absent
 def test_registered_dataset_and_two_teachers_from_a_file(tmp_path):
     with Server(FakeGenerator(teacher), model_name="m") as server:
         teachers = [

@@ -11,6 +11,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
+from _shared_data import T5_VOCAB
 from test_network_util import (
     hf_generate,
     hf_logits,
@@ -22,11 +25,8 @@ from test_network_util import (
 import distill_sbs
 from distill_sbs import convert
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPIECE = os.path.join(REPO, "..", "shared", "vocab", "t5_spiece.model")
+SPIECE = str(T5_VOCAB)  # the vocabulary the package ships
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -49,8 +49,7 @@ def _save_hf(model, path: str, fmt: str = "safetensors") -> str:
         os.makedirs(path, exist_ok=True)
         model.config.to_json_file(os.path.join(path, "config.json"))
         torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
-    if os.path.exists(SPIECE):
-        shutil.copyfile(SPIECE, os.path.join(path, "spiece.model"))
+    shutil.copyfile(SPIECE, os.path.join(path, "spiece.model"))
     return path
 
 
@@ -92,11 +91,9 @@ def test_cli_round_trip(tmp_path, variant, fmt):
     for key, value in original.items():
         np.testing.assert_array_equal(again[key], value, err_msg=key)
     assert (reloaded.lm_head.weight is reloaded.shared.weight) == (variant == "t5_1_0")
-    if os.path.exists(SPIECE):
-        assert os.path.exists(os.path.join(back, "spiece.model"))
+    assert os.path.exists(os.path.join(back, "spiece.model"))
 
 
-@pytest.mark.skipif(not os.path.exists(SPIECE), reason=f"{SPIECE} absent")
 def test_vocabulary_travels_and_text_helpers(tmp_path):
     hf_dir = _save_hf(make_hf_model("t5_1_1"), str(tmp_path / "hf"))
     convert.hf_to_native(hf_dir, str(tmp_path / "native"))

@@ -1,18 +1,15 @@
 """The DSS release reader on the real files in ../shared/data/dss, and its errors on bad layouts."""
 
 import json
-import pathlib
 
 import pytest
+from _shared_data import DSS_DIR
 
 from distill_sbs import metrics
 from distill_sbs.data import dss
 from distill_sbs.data.records import RecordError
 
-DSS_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dss"
-needs_dss = pytest.mark.skipif(
-    not DSS_DIR.is_dir(), reason=f"the DSS release is not at {DSS_DIR} (../shared/data/dss)"
-)
+needs_dss = pytest.mark.usefixtures("dss_dir")  # fails, naming the path, where it is absent
 
 # (dataset, split) -> (examples, min parse rate, teacher accuracy measured from the files, metric)
 # Measured 2026-11: CQA 100% / 100% parsed; SVAMP 789/800 and 198/200 (the rest loop or stop early).

@@ -95,8 +95,9 @@ def test_microbatch_losses_add_up_with_full_batch_counts():
 
 def _hf_reference(config, params, label_rows, rationale_rows, alpha):
     """alpha * label_loss + (1 - alpha) * rationale_loss: two HF forward passes, as DSS does."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
+
     from distill_sbs.convert import params_to_hf_state_dict, t5config_to_hf_config
 
     hf_cfg = {k: v for k, v in t5config_to_hf_config(config).items() if k != "architectures"}

@@ -6,10 +6,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 # Tiny shapes: heads, d_ff and vocab divisible by 4 (model axis of the sharding test); 8 buckets
 # with max distance 16 so that sequences of ~20 tokens reach the logarithmic buckets.

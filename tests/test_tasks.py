@@ -1,19 +1,15 @@
 """Registered tasks and mixtures: batches, objective ids, gin knobs, subsampling, evaluation."""
 
 import os
-import pathlib
 
 import gin
 import numpy as np
 import pytest
 import seqio
+from _shared_data import DSS_DIR
+from _shared_data import T5_VOCAB as VOCAB
 
-DSS_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dss"
-VOCAB = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "vocab" / "t5_spiece.model"
-needs_dss = pytest.mark.skipif(
-    not (DSS_DIR.is_dir() and VOCAB.is_file()),
-    reason=f"the DSS release or the T5 vocabulary is missing under {DSS_DIR.parent.parent}",
-)
+needs_dss = pytest.mark.usefixtures("dss_dir")  # fails, naming the path, where it is absent
 LENGTHS = {"inputs": 64, "targets": 48}
 
 

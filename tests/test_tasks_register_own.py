@@ -7,12 +7,10 @@ import re
 import sys
 
 import pytest
+from _shared_data import T5_VOCAB
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-VOCAB = REPO.parent / "shared" / "vocab" / "t5_spiece.model"
-pytestmark = pytest.mark.skipif(
-    not VOCAB.is_file(), reason=f"the T5 vocabulary is not at {VOCAB} (../shared/vocab)"
-)
+VOCAB = T5_VOCAB
 
 
 def _doc_blocks():
