@@ -552,13 +552,11 @@ class PeriodicEval:
 
 def _final_metrics_of_finished_run(run: Run) -> dict[str, float] | None:
     """The final metrics a finished run wrote (None if it wrote none); closes the checkpoints."""
-    from etils import epath
-
-    path = epath.Path(run.model_dir) / FINAL_METRICS_FILE
-    if not path.exists():
+    path = storage.join(run.model_dir, FINAL_METRICS_FILE)
+    if not storage.exists(path):
         return None
     run.ckpt.close()
-    final = json.loads(path.read_text())
+    final = storage.read_json(path)
     print(f"{run.model_dir} has finished training (step {final.get('step')}): see {path}")
     return {k: v for k, v in final.items() if k != "step"}
 
@@ -566,15 +564,13 @@ def _final_metrics_of_finished_run(run: Run) -> dict[str, float] | None:
 def drop_metrics_after(model_dir: str, step: int) -> None:
     """Drops the train_metrics.jsonl lines of steps after `step` (logged after the checkpoint a
     run resumes from; the resumed run logs them again)."""
-    from etils import epath
-
-    path = epath.Path(model_dir) / METRICS_FILE
-    if jax.process_index() != 0 or not path.exists():
+    path = storage.join(model_dir, METRICS_FILE)
+    if jax.process_index() != 0 or not storage.exists(path):
         return
-    lines = path.read_text().splitlines(keepends=True)
+    lines = storage.read_text(path).splitlines(keepends=True)
     kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
     if len(kept) != len(lines):
-        path.write_text("".join(kept))
+        storage.write_text(path, "".join(kept))
 
 
 OPERATIVE_CONFIG_FILE = "config.gin"
@@ -583,12 +579,10 @@ OPERATIVE_CONFIG_FILE = "config.gin"
 def save_operative_config(model_dir: str, writer: metric_writers.MetricWriter, step: int) -> None:
     """As T5X: the operative gin config (what the run used) in MODEL_DIR/config.gin and as text
     in TensorBoard (train/, tag "gin/operative_config")."""
-    from etils import epath
-
     if jax.process_index() != 0:
         return
     text = gin.operative_config_str()
-    (epath.Path(model_dir) / OPERATIVE_CONFIG_FILE).write_text(text)
+    storage.write_text(storage.join(model_dir, OPERATIVE_CONFIG_FILE), text)
     # TensorBoard renders text as markdown: indent each line to keep the layout.
     markdown = "\n".join("    " + ln for ln in text.splitlines())
     writer.write_texts(step, {"gin/operative_config": markdown})
