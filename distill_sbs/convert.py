@@ -4,7 +4,9 @@
     python -m distill_sbs.convert native-to-hf --checkpoint DIR --out DIR
 
 A HF folder is a `T5ForConditionalGeneration` directory: config.json plus model.safetensors,
-pytorch_model.bin, or a sharded `*.index.json` of either (reading .bin needs torch). The export
+pytorch_model.bin, or a sharded `*.index.json` of either (reading .bin needs torch). Restored
+into shardings (`load_hf_folder(path, abstract_params)`), safetensors are read by slices: each
+host reads the part of each tensor its devices hold; .bin, a pickle, is read whole. The export
 writes model.safetensors + config.json (+ spiece.model), loadable by
 `transformers.T5ForConditionalGeneration.from_pretrained` with no missing or unexpected keys.
 An export also holds generation_config.json and, when the checkpoint has a vocabulary, the files
@@ -19,9 +21,10 @@ d_model]; relative_attention_bias [buckets, heads] <-> rel_embedding [heads, buc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -148,35 +151,86 @@ def t5config_to_hf_config(config: T5Config) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ weights
 
-# (native path, HF key, HF shape, HF -> native, native -> HF)
-_Entry = tuple[tuple[str, ...], str, tuple[int, ...], Callable, Callable]
+Index = tuple[slice, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one HF tensor becomes one native parameter: whole (`to_native`, `to_hf`) and by slices
+    (`source`: a native index, bounds concrete, -> the HF index to read and the function that turns
+    that HF block into the native block). Every map only moves values (transposes, reshapes,
+    selections), so a converted slice equals the same slice of the whole conversion bit for bit."""
+
+    native_shape: tuple[int, ...]
+    to_native: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+    source: Callable[[Index], tuple[Index, Callable[[np.ndarray], np.ndarray]]]
+
+
+def _same(shape: tuple[int, ...]) -> _Layout:
+    return _Layout(shape, lambda x: x, lambda x: x, lambda i: (i, lambda b: b))
+
+
+def _transposed(shape: tuple[int, int]) -> _Layout:
+    # native [a, b] = HF [b, a]: the index tuple is permuted the same way
+    return _Layout(shape[::-1], lambda x: x.T, lambda x: x.T, lambda i: (i[::-1], lambda b: b.T))
+
+
+def _heads(d: int, s: slice) -> slice:
+    """The HF rows/columns (head-major, h*d) of native heads `s`: contiguous, so exact when
+    head_dim is whole. A split of head_dim (no partitioning rule splits `kv`) reads the whole
+    heads, the smallest enclosing block, and the caller keeps its part."""
+    return slice(s.start * d, s.stop * d)
+
+
+def _qkv(e: int, h: int, d: int) -> _Layout:
+    # native [e, h, d] = HF [h*d, e].T reshaped
+    def source(i: Index) -> tuple[Index, Callable[[np.ndarray], np.ndarray]]:
+        se, sh, sd = i
+        return (_heads(d, sh), se), lambda b: b.T.reshape(b.shape[1], -1, d)[:, :, sd]
+
+    return _Layout(
+        (e, h, d), lambda x: x.T.reshape(e, h, d), lambda x: x.reshape(e, h * d).T, source
+    )
+
+
+def _attention_out(e: int, h: int, d: int) -> _Layout:
+    # native [h, d, e] = HF [e, h*d].T reshaped
+    def source(i: Index) -> tuple[Index, Callable[[np.ndarray], np.ndarray]]:
+        sh, sd, se = i
+        return (se, _heads(d, sh)), lambda b: b.T.reshape(-1, d, b.shape[0])[:, sd, :]
+
+    return _Layout(
+        (h, d, e), lambda x: x.T.reshape(h, d, e), lambda x: x.reshape(h * d, e).T, source
+    )
+
+
+# (native path, HF key, HF shape, layout)
+_Entry = tuple[tuple[str, ...], str, tuple[int, ...], _Layout]
 
 
 def _entries(config: T5Config) -> Iterator[_Entry]:
     e, h, d, m = config.emb_dim, config.num_heads, config.head_dim, config.mlp_dim
     v, nb = config.vocab_size, config.relative_attention_num_buckets
-    same = (lambda x: x, lambda x: x)
-    qkv = (lambda x: x.T.reshape(e, h, d), lambda x: x.reshape(e, h * d).T)
-    out = (lambda x: x.T.reshape(h, d, e), lambda x: x.reshape(h * d, e).T)
-    tr = (lambda x: x.T, lambda x: x.T)
+    qkv, out = _qkv(e, h, d), _attention_out(e, h, d)
 
-    yield ("token_embedder", "embedding"), "shared.weight", (v, e), *same
+    yield ("token_embedder", "embedding"), "shared.weight", (v, e), _same((v, e))
     if not config.logits_via_embedding:
-        yield ("logits_dense", "kernel"), "lm_head.weight", (v, e), *tr
+        yield ("logits_dense", "kernel"), "lm_head.weight", (v, e), _transposed((v, e))
 
     def attention(native, hf):
         for name, hf_name in (("query", "q"), ("key", "k"), ("value", "v")):
-            yield (*native, name, "kernel"), f"{hf}.{hf_name}.weight", (h * d, e), *qkv
-        yield (*native, "out", "kernel"), f"{hf}.o.weight", (e, h * d), *out
+            yield (*native, name, "kernel"), f"{hf}.{hf_name}.weight", (h * d, e), qkv
+        yield (*native, "out", "kernel"), f"{hf}.o.weight", (e, h * d), out
 
     def mlp(native, hf):
         names = ["wi"] if len(config.mlp_activations) == 1 else ["wi_0", "wi_1"]
         for name in names:
-            yield (*native, name, "kernel"), f"{hf}.{name}.weight", (m, e), *tr
-        yield (*native, "wo", "kernel"), f"{hf}.wo.weight", (e, m), *tr
+            yield (*native, name, "kernel"), f"{hf}.{name}.weight", (m, e), _transposed((m, e))
+        yield (*native, "wo", "kernel"), f"{hf}.wo.weight", (e, m), _transposed((e, m))
 
     def norm(native, hf):
-        yield (*native, "scale"), f"{hf}.weight", (e,), *same
+        yield (*native, "scale"), f"{hf}.weight", (e,), _same((e,))
 
     for stack, n_layers, parts in (
         (
@@ -198,7 +252,7 @@ def _entries(config: T5Config) -> Iterator[_Entry]:
             (stack, "relpos_bias", "rel_embedding"),
             f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
             (nb, h),
-            *tr,
+            _transposed((nb, h)),
         )
         for i in range(n_layers):
             for j, part in enumerate(parts):
@@ -240,6 +294,39 @@ def _float32(name: str, value: Any) -> np.ndarray:
     return x
 
 
+def _plan(
+    keys: Collection[str], config: T5Config, lm_head_tied: bool
+) -> list[tuple[tuple[str, ...], str, tuple[int, ...], _Layout]]:
+    """(native path, HF key to read, HF shape, layout) of every parameter, after checking that
+    `keys` has each tensor the config needs and no other."""
+    plan = []
+    used = set(_IGNORED_HF_KEYS)
+    for path, key, shape, layout in _entries(config):
+        if key not in keys and key == "lm_head.weight" and lm_head_tied:
+            # transformers 5 saves an lm_head tied to the embedding only as the embedding
+            key = "shared.weight"
+        if key not in keys:
+            raise ConversionError(f"HF tensor {key!r} is missing (expected shape {shape})")
+        used.add(key)
+        plan.append((path, key, shape, layout))
+    if config.logits_via_embedding:
+        used.add("lm_head.weight")  # T5 1.0 checkpoints may carry the tied copy
+    unexpected = sorted(set(keys) - used)
+    if unexpected:
+        raise ConversionError(
+            f"HF tensors not used by a T5 with this config (first: {unexpected[0]!r}): "
+            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    return plan
+
+
+def _check_shape(key: str, got: Sequence[int], shape: tuple[int, ...]) -> None:
+    if tuple(got) != shape:
+        raise ConversionError(
+            f"HF tensor {key!r} has shape {tuple(got)}, the config implies {shape}"
+        )
+
+
 def hf_state_dict_to_params(
     state_dict: Mapping[str, np.ndarray],
     config: T5Config,
@@ -255,38 +342,20 @@ def hf_state_dict_to_params(
     state dict without lm_head.weight means the embedding; otherwise lm_head.weight is required.
     """
     params: dict[str, Any] = {}
-    used = set(_IGNORED_HF_KEYS)
-    for path, key, shape, to_native, _ in _entries(config):
-        if key not in state_dict and key == "lm_head.weight" and lm_head_tied:
-            # transformers 5 saves an lm_head tied to the embedding only as the embedding
-            key = "shared.weight"
-        if key not in state_dict:
-            raise ConversionError(f"HF tensor {key!r} is missing (expected shape {shape})")
+    for path, key, shape, layout in _plan(state_dict.keys(), config, lm_head_tied):
         x = _float32(f"HF tensor {key!r}", state_dict[key])
-        if tuple(x.shape) != shape:
-            raise ConversionError(
-                f"HF tensor {key!r} has shape {tuple(x.shape)}, the config implies {shape}"
-            )
-        used.add(key)
-        y = np.ascontiguousarray(to_native(x))
+        _check_shape(key, x.shape, shape)
+        y = np.ascontiguousarray(layout.to_native(x))
         _set(params, path, y if place is None else place(path, y))
-    if config.logits_via_embedding:
-        used.add("lm_head.weight")  # T5 1.0 checkpoints may carry the tied copy
-    unexpected = sorted(set(state_dict) - used)
-    if unexpected:
-        raise ConversionError(
-            f"HF tensors not used by a T5 with this config (first: {unexpected[0]!r}): "
-            f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
-        )
     return params
 
 
 def params_to_hf_state_dict(params: Any, config: T5Config) -> dict[str, np.ndarray]:
     """HF T5 state dict (float32 numpy) from native params."""
     out = {}
-    for path, key, shape, _, to_hf in _entries(config):
+    for path, key, shape, layout in _entries(config):
         x = _float32(f"params {'/'.join(path)}", _get(params, path))
-        y = np.ascontiguousarray(to_hf(x))
+        y = np.ascontiguousarray(layout.to_hf(x))
         if tuple(y.shape) != shape:
             raise ConversionError(
                 f"params {'/'.join(path)} has shape {tuple(x.shape)}, which does not give "
@@ -328,6 +397,16 @@ class _SafetensorsFile(Mapping):
     def __contains__(self, key: object) -> bool:  # Mapping's would read the tensor
         return key in self._key_set
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file's header (nothing read)."""
+        return tuple(self._numpy.get_slice(key).get_shape())
+
+    def read_slice(self, key: str, index: Index) -> np.ndarray:
+        """Only the bytes of `index` (concrete bounds, step 1) of tensor `key`, from the map."""
+        import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, which safetensors asks for
+
+        return self._numpy.get_slice(key)[index]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
@@ -336,13 +415,20 @@ class _SafetensorsFile(Mapping):
 
 
 class _Shards(Mapping):
-    """Tensors spread over several files (a HF sharded checkpoint), by name."""
+    """Tensors spread over several files (a HF sharded checkpoint), by name; slices read from
+    safetensors shards."""
 
-    def __init__(self, files: Sequence[Mapping[str, np.ndarray]]) -> None:
+    def __init__(self, files: Sequence[Any]) -> None:
         self._where = {k: f for f in files for k in f}
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._where[key][key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def read_slice(self, key: str, index: Index) -> np.ndarray:
+        return self._where[key].read_slice(key, index)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -367,9 +453,13 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
 
 
-def _open_safetensors(path: str) -> Mapping[str, np.ndarray]:
-    # safetensors reads only local files (memory-mapped): a gs:// file is copied once into a
-    # local temporary file (storage.local_file), then read tensor by tensor from there.
+def _open_safetensors(path: str) -> _SafetensorsFile:
+    # safetensors opens only local files (memory-mapped) or whole bytes. A local file is mapped
+    # where it lies, so only the tensors or slices looked up are read. A gs:// file is first
+    # streamed to local disk, once per process (storage.local_file), then read by slices from
+    # there: host memory holds only the slices, but each host downloads the whole file; the
+    # alternative, bytes, would hold the whole file in memory. To have each host fetch only its
+    # share from gs://, convert once to a native checkpoint (orbax reads by shard).
     return _SafetensorsFile(storage.local_file(path))
 
 
@@ -476,20 +566,83 @@ def load_hf_folder(
 ) -> tuple[T5Config, dict[str, Any], str | None]:
     """(config, params, vocabulary file or None) of a HF T5ForConditionalGeneration folder.
 
-    With `abstract_params` (jax.ShapeDtypeStructs with shardings) each parameter is put into its
-    sharding as soon as it is read, so the host never holds the whole model.
+    With `abstract_params` (jax.ShapeDtypeStructs with shardings) each parameter is built in its
+    sharding: from safetensors each host reads only the slices its devices hold (a gs:// file is
+    first copied to local disk, see `_open_safetensors`); from pytorch_model.bin, which cannot be
+    read in part, each tensor is read whole and the devices take their slices.
     """
     config = read_hf_config(path)
     # transformers 5 writes tie_word_embeddings true for every T5 (T5 1.1 too); 4.x only for T5 1.0
     tied = bool(_read_hf_config_json(path)[1].get("tie_word_embeddings", True))
     vocab = hf_vocabulary(path)  # before the weights: a wrong tokenizer fails fast
     state = read_hf_weights(path)
-    place = None if abstract_params is None else _placer(abstract_params)
     try:
-        params = hf_state_dict_to_params(state, config, place, lm_head_tied=tied)
+        if abstract_params is None:
+            params = hf_state_dict_to_params(state, config, lm_head_tied=tied)
+        elif hasattr(state, "read_slice"):  # safetensors: each host reads its devices' slices
+            params = _restore_slices(state, config, abstract_params, lm_head_tied=tied)
+        else:  # torch .bin cannot be read in part: whole tensors, then each device's slice
+            params = hf_state_dict_to_params(
+                state, config, _placer(abstract_params), lm_head_tied=tied
+            )
     except ConversionError as e:
         raise ConversionError(f"{path}: {e}") from e
     return config, params, vocab
+
+
+def _concrete(index: Index, shape: tuple[int, ...]) -> Index:
+    """jax's device index (slice(None) for a whole dimension) with concrete bounds."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    bounds = [s.indices(n) for s, n in zip(index, shape, strict=True)]
+    if any(step != 1 for _, _, step in bounds):
+        raise ValueError(f"strided device index {index}")
+    return tuple(slice(start, stop) for start, stop, _ in bounds)
+
+
+def _block_reader(state: Any, key: str, layout: _Layout) -> Callable[[Index], np.ndarray]:
+    """block(native index) -> that block of the parameter, read as the HF slice it comes from;
+    devices that hold the same block (replicas) read it once."""
+    blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+
+    def block(index: Index) -> np.ndarray:
+        index = _concrete(index, layout.native_shape)
+        bounds = tuple((s.start, s.stop) for s in index)  # slices are unhashable before 3.12
+        if bounds not in blocks:
+            source, finish = layout.source(index)
+            x = _float32(f"HF tensor {key!r}", state.read_slice(key, source))
+            blocks[bounds] = np.ascontiguousarray(finish(x))
+        return blocks[bounds]
+
+    return block
+
+
+def _restore_slices(
+    state: Any, config: T5Config, abstract_params: Any, *, lm_head_tied: bool
+) -> dict[str, Any]:
+    """Native params built in the shardings of `abstract_params` from a safetensors state (with
+    `shape(key)` and `read_slice(key, index)`): each device's block is read as the HF slice its
+    layout maps it to, so a host reads the bytes its addressable devices hold and no more (plus,
+    where head_dim is split, the rest of those heads). Values are checked (finite, floating point)
+    slice by slice: a host sees only its slices' values."""
+    import jax
+
+    params: dict[str, Any] = {}
+    for path, key, shape, layout in _plan(list(state), config, lm_head_tied):
+        _check_shape(key, state.shape(key), shape)
+        want = _get(abstract_params, path)
+        if tuple(want.shape) != layout.native_shape:
+            raise ConversionError(
+                f"params {'/'.join(path)}: the target has shape {tuple(want.shape)}, "
+                f"HF tensor {key!r} gives {layout.native_shape}"
+            )
+        block = _block_reader(state, key, layout)
+        sharding = getattr(want, "sharding", None)
+        if sharding is None:
+            value = block(tuple(slice(None) for _ in layout.native_shape))
+        else:
+            value = jax.make_array_from_callback(layout.native_shape, sharding, block)
+        _set(params, path, value)
+    return params
 
 
 def _placer(abstract_params: Any) -> Callable[[tuple[str, ...], np.ndarray], Any]:

@@ -336,7 +336,8 @@ def load(
 
     dtype overrides the activation dtype ("float32" or "bfloat16"); parameters stay float32.
     abstract_params (jax.ShapeDtypeStructs with shardings) restores each parameter straight into
-    its sharding instead of whole on the host.
+    its sharding instead of whole on the host: a host reads only its devices' part (orbax for
+    native checkpoints, slices of HF safetensors; HF pytorch_model.bin is read whole).
     """
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")

@@ -275,7 +275,7 @@ def restore_state(run: Run, cfg: TrainConfig) -> tuple[TrainState, int, int]:
 def load_initial_params(path: str, abstract_params: Any) -> Any:
     """Parameters of a native checkpoint / MODEL_DIR / HF folder (local or gs://), checked against
     the model from the checkpoint's config, then restored straight into the shardings of
-    `abstract_params` (orbax for native checkpoints; HF tensors one at a time)."""
+    `abstract_params` (orbax for native checkpoints; slices of HF safetensors)."""
     from distill_sbs import models
 
     if not storage.exists(path):
