@@ -180,7 +180,9 @@ def build_teacher(
 
 def task_examples(mixture_or_task_name: str, split: str) -> list[dict[str, Any]]:
     """Tokenized examples of every objective, as training reads them (untrimmed, unshuffled):
-    dicts with "id", "objective" (name), "inputs" and "targets" (int lists, EOS included)."""
+    dicts with "id", "objective" (name), "inputs" and "targets" (int lists, EOS included) and
+    "inputs_text" / "targets_text" (the texts they were tokenized from, for a teacher server;
+    None where the task's tokenizer kept no `*_pretokenized` copy)."""
     import seqio
 
     from distill_sbs import data
@@ -204,9 +206,51 @@ def task_examples(mixture_or_task_name: str, split: str) -> list[dict[str, Any]]
                     "objective": names[int(ex["objective_id"][0])],
                     "inputs": ex["inputs"].tolist(),
                     "targets": ex["targets"].tolist(),
+                    "inputs_text": _text(ex.get("inputs_pretokenized")),
+                    "targets_text": _text(ex.get("targets_pretokenized")),
                 }
             )
     return out
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+class TeacherForcedTopK:
+    """A T5's teacher-forced log_softmax (temperature 1) over given target tokens: per target
+    token, its own log-probability and the k most likely next tokens (ids, log-probs, best
+    first). Shared by `write_topk` and the server's scoring requests (serve/engine.py), so both
+    give the same numbers for the same tokens."""
+
+    def __init__(self, model: Any, params: Any, k: int) -> None:
+        vocab = model.config.vocab_size
+        if not 0 < k <= vocab:
+            raise ValueError(f"top-k: k={k} must be in [1, {vocab}]")
+        self.model, self.params, self.k = model, params, k
+
+        @jax.jit
+        def top(p: Any, enc: jax.Array, dec_in: jax.Array, tgt: jax.Array) -> tuple:
+            logp = jax.nn.log_softmax(model.logits(p, enc, dec_in), axis=-1)
+            lp, ids = jax.lax.top_k(logp, k)
+            return ids, lp, jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+
+        self._top = top
+
+    def __call__(
+        self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], rows: int = 0
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(top ids [T, k], top log-probs [T, k], target log-probs [T]) per (inputs, targets)
+        pair (EOS included in both); `rows` pads the batch to that many rows (fewer shapes)."""
+        pad_rows = max(rows - len(inputs), 0)
+        enc = _pad([*inputs, *[[1]] * pad_rows])
+        tgt = _pad([*targets, *[[1]] * pad_rows])
+        dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
+        ids, lp, token_lp = jax.device_get(self._top(self.params, enc, dec_in, tgt))
+        return [
+            (ids[r, : len(t)], lp[r, : len(t)], token_lp[r, : len(t)])
+            for r, t in enumerate(targets)
+        ]
 
 
 def write_topk(
@@ -223,27 +267,24 @@ def write_topk(
     forcing, temperature 1) and saves its top-k log-probabilities (data/topk.py); returns the
     file's bytes per target token."""
     examples = task_examples(mixture_or_task_name, split)
-    vocab = model.config.vocab_size
-    if not 0 < k <= vocab:
-        raise ValueError(f"top-k: k={k} must be in [1, {vocab}]")
-
-    @jax.jit
-    def top(p: Any, enc: jax.Array, dec_in: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logp = jax.nn.log_softmax(model.logits(p, enc, dec_in), axis=-1)
-        lp, ids = jax.lax.top_k(logp, k)
-        return ids, lp
-
+    scorer = TeacherForcedTopK(model, params, k)
     entries = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        enc = _pad([e["inputs"] for e in chunk])
-        targets = _pad([e["targets"] for e in chunk])
-        dec_in = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
-        ids, lp = jax.device_get(top(params, enc, dec_in))
-        for row, e in enumerate(chunk):
-            n = len(e["targets"])
-            entries.append((e["id"], e["objective"], e["targets"], ids[row, :n], lp[row, :n]))
-    topk_store.save(output, entries, vocab)
+        scored = scorer([e["inputs"] for e in chunk], [e["targets"] for e in chunk])
+        for e, (ids, lp, _) in zip(chunk, scored, strict=True):
+            entries.append((e["id"], e["objective"], e["targets"], ids, lp))
+    return save_topk(output, entries, model.config.vocab_size)
+
+
+def save_topk(
+    output: str,
+    entries: Sequence[tuple[str, str, Sequence[int], np.ndarray, np.ndarray]],
+    vocab_size: int,
+) -> float:
+    """Writes the (id, objective, targets, top ids, top log-probs) entries (data/topk.py) and
+    returns the file's bytes per target token: the one writer of local and server teachers."""
+    topk_store.save(output, entries, vocab_size)
     return topk_store.bytes_per_token(output)
 
 

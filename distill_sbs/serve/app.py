@@ -22,8 +22,15 @@ from starlette.routing import Route
 
 from distill_sbs import storage
 from distill_sbs.generation import GeneratedText
-from distill_sbs.serve.engine import BatchingEngine, Job, QueueFull
-from distill_sbs.serve.protocol import APIError, completion_response, parse_request, stream_chunks
+from distill_sbs.serve.engine import BatchingEngine, Job, QueueFull, ScoringError
+from distill_sbs.serve.protocol import (
+    APIError,
+    BadRequest,
+    CompletionRequest,
+    completion_response,
+    parse_request,
+    stream_chunks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -300,13 +307,16 @@ class CompletionHandler:
                 events.put_nowait, (row, delta, tok)
             )
         try:
-            job = self.state.engine.submit(
-                req.rows(),
-                req.params,
-                req.seed,
-                logprobs=req.logprobs is not None,
-                on_token=on_token,
-            )
+            if req.targets is not None:
+                job = self._submit_scoring(req)
+            else:
+                job = self.state.engine.submit(
+                    req.rows(),
+                    req.params,
+                    req.seed,
+                    logprobs=req.logprobs is not None,
+                    on_token=on_token,
+                )
         except QueueFull:
             raise APIError(
                 429,
@@ -330,6 +340,23 @@ class CompletionHandler:
         self.state.metrics.tokens.labels("prompt").inc(body["usage"]["prompt_tokens"])
         self.state.metrics.tokens.labels("completion").inc(body["usage"]["completion_tokens"])
         return JSONResponse(body)
+
+    def _submit_scoring(self, req: CompletionRequest) -> Job:
+        """Queues a scoring request's rows; each target's tokens count against
+        max_tokens_limit (a scored token costs about what a generated one does), each prompt
+        against --max_input_length."""
+        engine, limit = self.state.engine, self.state.limits.max_tokens_limit
+        if engine.scorer is None:
+            raise BadRequest("this server's model cannot score texts ('max_tokens': 0)")
+        assert req.targets is not None
+        try:
+            rows = [
+                engine.scorer.tokenize(p, t, limit, i)
+                for i, (p, t) in enumerate(zip(req.prompts, req.targets, strict=True))
+            ]
+            return engine.submit_scoring(rows)
+        except ScoringError as e:
+            raise BadRequest(str(e)) from None
 
     async def _wait(self, request: Request, job: Job) -> list[GeneratedText]:
         """The job's outputs; cancels it if the client disconnects first."""

@@ -1,5 +1,7 @@
 """The batching engine of the server: the rows of all requests in batched generate calls, on one
-thread, scheduled fairly (round-robin over requests); a cancelled request stops at the next step."""
+thread, scheduled fairly (round-robin over requests); a cancelled request stops at the next step.
+Scoring rows (teacher forcing of a given target, `Scorer`) share the queue, its limits and its
+fairness, in batches of their own."""
 
 from __future__ import annotations
 
@@ -10,14 +12,95 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from distill_sbs.generation import GeneratedText, GenerationParams, Generator, Token
+from distill_sbs.generation import (
+    TOP_LOGPROBS_MAX,
+    GeneratedText,
+    GenerationParams,
+    Generator,
+    Token,
+    bucket,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
     """The engine holds max_queued_sequences already: answered 429 with Retry-After."""
+
+
+class ScoringError(ValueError):
+    """A scoring request this server cannot answer as asked (too long, no model): answered 400."""
+
+
+ScoreRow = tuple[list[int], list[int], str]  # (input ids, target ids, target text), EOS included
+
+
+class Scorer:
+    """Teacher-forced scoring of (encoder input, target) texts for `echo` + `max_tokens: 0`
+    requests: both texts are tokenized as training tokenizes them (SentencePiece ids + EOS,
+    never truncated: too long is an error), and each target token gets the model's log_softmax
+    at its position (its own log-probability and the TOP_LOGPROBS_MAX best, sorted), the numbers
+    `distillation.write_topk` saves (the same `TeacherForcedTopK`)."""
+
+    def __init__(self, model: Any, params: Any, max_input_length: int, max_batch_size: int):
+        from distill_sbs import distillation
+
+        self.vocab = model.vocabulary
+        self.max_input_length, self.max_batch_size = max_input_length, max_batch_size
+        k = min(TOP_LOGPROBS_MAX, model.config.vocab_size)
+        self._topk = distillation.TeacherForcedTopK(model, params, k)
+        self._pieces = self.vocab.tokenizer.get_piece_size()
+
+    @classmethod
+    def for_generator(cls, generator: Generator, max_batch_size: int) -> Scorer | None:
+        """A scorer over the generator's model; None if it has none (a test's fake)."""
+        model, params = getattr(generator, "model", None), getattr(generator, "params", None)
+        if model is None or params is None or getattr(model, "vocabulary", None) is None:
+            return None
+        return cls(model, params, getattr(generator, "max_input_length", 512), max_batch_size)
+
+    def tokenize(self, prompt: str, target: str, max_target_tokens: int, row: int) -> ScoreRow:
+        """The row's ids; ScoringError if either side is over this server's limits (scoring a
+        truncated text would give other numbers than training sees)."""
+        inputs = [*self.vocab.encode(prompt), 1]  # 1: EOS, as the task's tokenizer appends it
+        targets = [*self.vocab.encode(target), 1]
+        if len(inputs) > self.max_input_length:
+            raise ScoringError(
+                f"prompt {row} has {len(inputs)} tokens (EOS included), more than this "
+                f"server's --max_input_length={self.max_input_length}"
+            )
+        if len(targets) > max_target_tokens:
+            raise ScoringError(
+                f"decoder_prompt {row} has {len(targets)} tokens to score (EOS included), more "
+                f"than this server's --max_tokens_limit={max_target_tokens}"
+            )
+        return inputs, targets, target
+
+    def piece(self, t: int) -> str:
+        """A token's text as the logprobs name it: its SentencePiece piece with "\u2581" as a
+        space (as generation names tokens); `token_id:N` (vLLM's spelling) for an id of the
+        model's padded vocabulary that no piece has."""
+        if t < self._pieces:
+            return self.vocab.tokenizer.id_to_piece(t).replace("\u2581", " ")
+        return f"token_id:{t}"
+
+    def _top(self, ids: Any, lp: Any) -> tuple[tuple[str, float], ...]:
+        return tuple((self.piece(int(a)), float(b)) for a, b in zip(ids, lp, strict=True))
+
+    def score(self, rows: Sequence[ScoreRow]) -> list[GeneratedText]:
+        """One GeneratedText per row: text = the target, tokens = its scored tokens."""
+        padded = bucket(len(rows), 1, self.max_batch_size)
+        scored = self._topk([r[0] for r in rows], [r[1] for r in rows], rows=padded)
+        out = []
+        for (inputs, targets, text), (ids, lp, token_lp) in zip(rows, scored, strict=True):
+            tokens = tuple(
+                Token(self.piece(t), float(token_lp[j]), self._top(ids[j], lp[j]))
+                for j, t in enumerate(targets)
+            )
+            out.append(GeneratedText(text, len(inputs) + len(targets), 0, "length", tokens))
+        return out
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,6 +112,7 @@ class Job:
     seed: int
     logprobs: bool
     on_token: Callable[[int, str, Token], None] | None  # (row, text delta, token), streaming
+    scoring: list[ScoreRow] | None = None  # a scoring job's rows (prompts: their count)
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     next_row: int = 0  # rows handed to a batch so far
@@ -56,6 +140,7 @@ class BatchingEngine:
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self.max_queued_sequences = max_queued_sequences
+        self.scorer = Scorer.for_generator(generator, max_batch_size)
         self._jobs: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
@@ -75,7 +160,17 @@ class BatchingEngine:
         on_token: Callable[[int, str, Token], None] | None = None,
     ) -> Job:
         """Queues `prompts`; the job's future gets their GeneratedText list, in order."""
-        job = Job(list(prompts), params, seed, logprobs, on_token)
+        return self._queue(Job(list(prompts), params, seed, logprobs, on_token))
+
+    def submit_scoring(self, rows: Sequence[ScoreRow]) -> Job:
+        """Queues scoring rows (from `self.scorer.tokenize`); the future gets Scorer.score's
+        list. They count against max_queued_sequences like generated rows."""
+        if self.scorer is None:
+            raise ScoringError("this server's model cannot score texts")
+        prompts = [r[2] for r in rows]
+        return self._queue(Job(prompts, GenerationParams(0), 0, True, None, list(rows)))
+
+    def _queue(self, job: Job) -> Job:
         with self._cv:
             if self._stop:
                 raise RuntimeError("the engine is closed")
@@ -108,7 +203,12 @@ class BatchingEngine:
             pending = [j for j in self._jobs if j.next_row < len(j.prompts)]
             if not pending:
                 return []
-            group = [j for j in pending if j.params == pending[0].params]
+            first = pending[0]
+            group = [
+                j
+                for j in pending
+                if j.params == first.params and (j.scoring is None) == (first.scoring is None)
+            ]
             batch: list[tuple[Job, int]] = []
             while len(batch) < self.max_batch_size and any(
                 j.next_row < len(j.prompts) for j in group
@@ -141,9 +241,13 @@ class BatchingEngine:
         prompts = [job.prompts[i] for job, i in batch]
         logprobs = any(job.logprobs for job, _ in batch)
         try:
-            outs = self.generator.generate(
-                prompts, first.params, first.seed, logprobs=logprobs, on_token=on_token
-            )
+            if first.scoring is not None:
+                assert self.scorer is not None  # submit_scoring checked
+                outs = self.scorer.score([job.scoring[i] for job, i in batch])
+            else:
+                outs = self.generator.generate(
+                    prompts, first.params, first.seed, logprobs=logprobs, on_token=on_token
+                )
             error = None
         except Exception as e:  # noqa: BLE001 - reported to each waiting request
             logger.exception("generate failed")

@@ -2,7 +2,15 @@
 response body (`completion_response`), the SSE chunks of a streamed answer (`stream_chunks`) and
 the error body (`APIError`). Chat messages become one input text: the text content of every
 message, in order, joined by a blank line; roles are dropped, because a student is trained on
-plain inputs."""
+plain inputs.
+
+Scoring (teacher forcing), in the shape OpenAI-compatible servers use for it: a completions request
+with `echo: true`, `max_tokens: 0` and `logprobs: k` answers the log-probabilities of given text
+instead of generating. The model is encoder-decoder, so the scored text is not the prompt: the
+prompt is the encoder input and the extra field `decoder_prompt` (one string per prompt, the name
+vLLM gives an encoder-decoder model's decoder side) is the target whose tokens (EOS included)
+are scored; each choice echoes its decoder_prompt and carries the `logprobs` object of its
+tokens (docs/serve.md)."""
 
 from __future__ import annotations
 
@@ -69,6 +77,7 @@ class CompletionRequest:
     include_usage: bool = False  # stream_options.include_usage
     logprobs: int | None = None  # alternatives per token (0: the chosen token's only); None: off
     echo: bool = False
+    targets: list[str] | None = None  # scoring: the decoder_prompt of each prompt
 
     def rows(self) -> list[str]:
         """What the generator gets: each prompt n times, samples of a prompt side by side."""
@@ -123,7 +132,7 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
 def _params(body: dict[str, Any], chat: bool, limit: int) -> tuple[GenerationParams, int, int]:
     """(decoding parameters, n, seed); max_tokens above `limit` is clipped to it."""
     name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-    max_tokens = int(_number(body, name, 16, 1, 1 << 20))
+    max_tokens = int(_number(body, name, 16, 1 if chat else 0, 1 << 20))
     temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
     top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
     n = int(_number(body, "n", 1, 1, 128))
@@ -183,13 +192,8 @@ def parse_request(
         raise BadRequest("'stream_options' must be an object", "stream_options")
     logprobs = _logprobs(body, chat)
     echo = bool(body.get("echo")) and not chat
-    if echo and logprobs is not None:
-        raise BadRequest(
-            "'echo' with 'logprobs' is not supported: an encoder-decoder student gives its "
-            "input no probabilities",
-            "echo",
-        )
     stream = bool(body.get("stream"))
+    targets = _scoring(body, params, prompts, n, stream, echo, logprobs)
     return CompletionRequest(
         chat,
         prompts,
@@ -201,7 +205,59 @@ def parse_request(
         stream and bool(options.get("include_usage")),
         logprobs,
         echo,
+        targets,
     )
+
+
+def _scoring(
+    body: dict[str, Any],
+    params: GenerationParams,
+    prompts: list[str],
+    n: int,
+    stream: bool,
+    echo: bool,
+    logprobs: int | None,
+) -> list[str] | None:
+    """The texts to score (decoder_prompt) when the request asks for scoring: echo, max_tokens 0
+    and logprobs; None for a generation request. Any other use of these fields is a 400."""
+    scoring = params.max_tokens == 0
+    if not scoring:
+        if echo and logprobs is not None:
+            raise BadRequest(
+                "'echo' with 'logprobs' scores a text: send 'max_tokens': 0 and the text to "
+                "score as 'decoder_prompt' (an encoder-decoder model gives its encoder input, "
+                "the prompt, no probabilities)",
+                "echo",
+            )
+        if body.get("decoder_prompt") is not None:
+            raise BadRequest(
+                "'decoder_prompt' is read only when scoring ('echo': true, 'max_tokens': 0, "
+                "'logprobs': k)",
+                "decoder_prompt",
+            )
+        return None
+    if not echo or logprobs is None:
+        raise BadRequest(
+            "'max_tokens': 0 scores a text: it needs 'echo': true and 'logprobs': k", "max_tokens"
+        )
+    if n != 1 or stream:
+        raise BadRequest("scoring ('max_tokens': 0) takes n = 1 and no streaming", "n")
+    raw = body.get("decoder_prompt")
+    if raw is None:
+        raise BadRequest(
+            "scoring an encoder-decoder model needs 'decoder_prompt': the text to score, one "
+            "per prompt (the prompt is the encoder input)",
+            "decoder_prompt",
+        )
+    targets = [raw] if isinstance(raw, str) else raw
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise BadRequest("'decoder_prompt' must be a string or a list of strings", "decoder_prompt")
+    if len(targets) != len(prompts):
+        raise BadRequest(
+            f"'decoder_prompt' has {len(targets)} text(s) for {len(prompts)} prompt(s)",
+            "decoder_prompt",
+        )
+    return [_text(t, "'decoder_prompt'") for t in targets]
 
 
 def _logprobs_json(req: CompletionRequest, tokens: Sequence[Token], offset: int) -> Any:
@@ -258,6 +314,8 @@ def completion_response(
                 "message": {"role": "assistant", "content": o.text},
                 "logprobs": lp,
             }
+        elif req.targets is not None:  # scoring: the echo is the scored text, nothing added
+            choice = {"index": i, "text": o.text, "logprobs": lp}
         else:
             prefix = req.prompts[i // req.n] if req.echo else ""
             choice = {"index": i, "text": prefix + o.text, "logprobs": lp}

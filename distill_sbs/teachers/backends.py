@@ -264,13 +264,17 @@ class OpenAIBackend:
                 raise _Retryable(str(status), reason, retry_after)
             raise _Fatal(str(status), reason)
         try:
-            data = json.loads(raw)
-            choice = data["choices"][0]
-            text = choice["message"]["content"] if self.config.api == "chat" else choice["text"]
-            if not isinstance(text, str):
-                raise TypeError("text is not a string")
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+            return self._parse(req, json.loads(raw))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise _Retryable("malformed", f"malformed response body ({type(e).__name__})") from None
+
+    def _parse(self, req: TeacherRequest, data: Any) -> Completion:
+        """The Completion in a 200 answer's JSON; KeyError, TypeError, ... for a malformed one
+        (retried). A subclass that asks for something else (top-k scores) reads it here."""
+        choice = data["choices"][0]
+        text = choice["message"]["content"] if self.config.api == "chat" else choice["text"]
+        if not isinstance(text, str):
+            raise TypeError("text is not a string")
         usage = data.get("usage") or {}
         return Completion(
             # A server may echo the key in what it returns: it never reaches outputs or cache.
