@@ -178,8 +178,8 @@ def _transposed(shape: tuple[int, int]) -> _Layout:
 
 def _heads(d: int, s: slice) -> slice:
     """The HF rows/columns (head-major, h*d) of native heads `s`: contiguous, so exact when
-    head_dim is whole. A split of head_dim (no partitioning rule splits `kv`) reads the whole
-    heads, the smallest enclosing block, and the caller keeps its part."""
+    head_dim is whole. A split of head_dim (no partitioning rule splits `kv`) cannot be read
+    as one exact block: it reads the whole heads that enclose it, and the caller keeps its part."""
     return slice(s.start * d, s.stop * d)
 
 
