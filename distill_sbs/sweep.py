@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import itertools
 import json
 import shlex
@@ -227,8 +228,16 @@ def metric_names(dataset: str) -> list[str]:
     return sorted(fn(["0"], ["0"]))
 
 
-def check_manifest(out: epath.Path, gin_files, bindings) -> None:
-    """OUT belongs to this sweep: its manifest, if any, names the same gin files and bindings."""
+def config_fingerprint(gin_files, bindings) -> str:
+    """sha256 of the parsed config the runs share (every binding of the files and their includes):
+    an edited gin file changes it while its name stays the same."""
+    parse(gin_files, bindings)
+    return hashlib.sha256(gin.config_str().encode()).hexdigest()
+
+
+def check_manifest(out: epath.Path, gin_files, bindings, fingerprint: str) -> None:
+    """OUT belongs to this sweep: its manifest, if any, names the same gin files and bindings, and
+    they parse to the same config (finished runs of an edited config are not reused)."""
     mine = {"gin_files": list(gin_files), "bindings": list(bindings)}
     path = out / MANIFEST
     if path.exists():
@@ -237,6 +246,11 @@ def check_manifest(out: epath.Path, gin_files, bindings) -> None:
             raise SweepError(
                 f"--out={out} holds another sweep ({path}: gin files {theirs.get('gin_files')}, "
                 f"bindings {theirs.get('bindings')}); use a new --out"
+            )
+        if theirs.get("config_sha256") != fingerprint:
+            raise SweepError(
+                f"--out={out} holds a sweep of the same gin files with other contents ({path}: "
+                "config_sha256 differs; a gin file changed since); use a new --out"
             )
     elif (out / "runs").exists():
         raise SweepError(f"--out={out} has runs/ but no {MANIFEST}: not a sweep of this tool")
@@ -390,7 +404,8 @@ def sweep(argv: Sequence[str]) -> None:
     unknown = set(FLAGS.only) - {r.name for r in runs}
     if unknown:
         raise SweepError(f"--only: no run named {sorted(unknown)} in this grid")
-    check_manifest(out, files, bindings)
+    fingerprint = config_fingerprint(files, bindings)
+    check_manifest(out, files, bindings, fingerprint)
     check_axes(files, bindings, axes)
     plans = {r.name: plan(r, FLAGS.test_split) for r in runs}
     metric = FLAGS.metric or next(iter(plans.values())).best_metric.split("/")[-1]
@@ -407,7 +422,7 @@ def sweep(argv: Sequence[str]) -> None:
     if not FLAGS.collect_only:
         _use_compilation_cache(out)
         out.mkdir(parents=True, exist_ok=True)
-        manifest = {"gin_files": files, "bindings": bindings}
+        manifest = {"gin_files": files, "bindings": bindings, "config_sha256": fingerprint}
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
         selected = [r for r in runs if not FLAGS.only or r.name in FLAGS.only]
         run_all(selected, plans, out, FLAGS.test_split)

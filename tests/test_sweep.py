@@ -110,10 +110,11 @@ def test_axis_no_gin_file_defines_is_an_error():
 def test_out_dir_and_run_dir_of_another_sweep_are_errors(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / sweep.MANIFEST).write_text(json.dumps({"gin_files": ["a.gin"], "bindings": []}))
-    sweep.check_manifest(out, ["a.gin"], [])  # the same sweep: fine
+    manifest = {"gin_files": ["a.gin"], "bindings": [], "config_sha256": "f0"}
+    (out / sweep.MANIFEST).write_text(json.dumps(manifest))
+    sweep.check_manifest(out, ["a.gin"], [], "f0")  # the same sweep: fine
     with pytest.raises(sweep.SweepError, match="holds another sweep"):
-        sweep.check_manifest(out, [MINI], [])
+        sweep.check_manifest(out, [MINI], [], "f0")
     run = sweep.grid([MINI], [], sweep.parse_axes(["SEED=0"]))[0]
     run_dir = out / "runs" / run.name
     run_dir.mkdir(parents=True)
@@ -125,6 +126,27 @@ def test_out_dir_and_run_dir_of_another_sweep_are_errors(tmp_path):
     (run_dir / sweep.RUN_MARKER).write_text(json.dumps(other.describe()))
     with pytest.raises(sweep.SweepError, match="belongs to another sweep"):
         sweep.check_run_dir(run_dir, run)
+
+
+def test_edited_gin_file_is_another_sweep(tmp_path):
+    """The same file names with other contents (e.g. TRAIN_STEPS edited) do not reuse OUT's runs."""
+    gin_dir = tmp_path / "gin"
+    gin_dir.mkdir()
+    (gin_dir / "mini.gin").write_text(f"include '{MINI}'\nTRAIN_STEPS = 10\n")
+    files = [str(gin_dir / "mini.gin")]
+    before = sweep.config_fingerprint(files, [])
+    assert sweep.config_fingerprint(files, []) == before  # deterministic
+    assert sweep.config_fingerprint(files, ["SEED = 1"]) != before
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / sweep.MANIFEST).write_text(
+        json.dumps({"gin_files": files, "bindings": [], "config_sha256": before})
+    )
+    sweep.check_manifest(out, files, [], before)
+    (gin_dir / "mini.gin").write_text(f"include '{MINI}'\nTRAIN_STEPS = 20\n")
+    after = sweep.config_fingerprint(files, [])
+    with pytest.raises(sweep.SweepError, match="same gin files with other contents"):
+        sweep.check_manifest(out, files, [], after)
 
 
 def test_validation_is_carved_deterministically_from_train():
