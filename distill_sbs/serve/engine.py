@@ -57,7 +57,8 @@ class Scorer:
     def for_generator(cls, generator: Generator, max_batch_size: int) -> Scorer | None:
         """A scorer over the generator's model; None if it has none (a test's fake)."""
         model, params = getattr(generator, "model", None), getattr(generator, "params", None)
-        if model is None or params is None or getattr(model, "vocabulary", None) is None:
+        vocabulary = getattr(model, "vocabulary", None)
+        if params is None or not hasattr(vocabulary, "tokenizer"):  # SentencePiece only
             return None
         return cls(model, params, getattr(generator, "max_input_length", 512), max_batch_size)
 
