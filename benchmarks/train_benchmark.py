@@ -1,7 +1,7 @@
 """DSS training throughput: our jitted train step vs the reference formulation (HF T5, PyTorch).
 
-    DISTILL_SBS_DATA_DIR=../shared/data/dss DISTILL_SBS_VOCAB=../shared/vocab/t5_spiece.model \\
-        python benchmarks/train_benchmark.py --mode both --steps 3 --threads 1 \\
+    DISTILL_SBS_DATA_DIR=../shared/data/dss \\
+        python benchmarks/train_benchmark.py --mode both --steps 3 --threads 0 \\
         --json_out /tmp/train_bench.json
 
 Both sides train the t5_1_1 small shape (random init, float32, dropout 0.1 as the T5 1.1
@@ -37,6 +37,8 @@ projections, MLP, logits, and attention scores/values over the sequence's own le
 square for causal self-attention, by convention), times 3 for forward + backward. Both sides thus
 get the same FLOPs for the same example; padding and packing overheads count as lost utilisation.
 The peak is the best of a float32 2048x2048 matmul in JAX and in PyTorch on the same cores.
+glibc's allocator is set up as the launchers set it (distill_sbs.host_memory; both sides share
+the process, so both get it; DISTILL_SBS_HOST_MALLOC=system keeps the defaults).
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ ARGS = parse_args(sys.argv) if __name__ == "__main__" else None
 if ARGS is not None and ARGS.threads:
     # Pin before jax/torch start their thread pools, so both see the same cores.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: ARGS.threads])
+if ARGS is not None:
+    from distill_sbs import host_memory  # noqa: E402  (both sides: one process, one allocator)
+
+    print(f"host malloc tuned: {host_memory.keep_buffers_in_heap()}")
 
 import _reference_dss as ref  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import jax  # noqa: E402
@@ -397,9 +403,8 @@ def mode_a(args: SimpleNamespace, peak: float) -> dict[str, Any]:
 
 
 def mode_b(args: SimpleNamespace, peak: float) -> dict[str, Any]:
-    for env in ("DISTILL_SBS_DATA_DIR", "DISTILL_SBS_VOCAB"):
-        if not os.environ.get(env):
-            raise SystemExit(f"mode b needs ${env} (see the module docstring)")
+    if not os.environ.get("DISTILL_SBS_DATA_DIR"):  # the vocabulary defaults to the packaged one
+        raise SystemExit("mode b needs $DISTILL_SBS_DATA_DIR (see the module docstring)")
     print(
         f"(b) CQA train: reference {args.batch} examples/step padded per batch; "
         f"ours packed {args.pack_rows} x {args.pack_lengths}"

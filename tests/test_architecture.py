@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
         "partitioning",
         "optimizers",
         "errors",
+        "host_memory",
         "storage",
         "data.records",
         "data.options",
