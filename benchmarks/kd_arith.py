@@ -32,6 +32,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "student seeds")
 _JSON = flags.DEFINE_string("json", None, "results JSON (default: <out_dir>/results.json)")
 _SOURCE = flags.DEFINE_enum("kd_source", "offline", ["online", "offline"], "teacher source")
 _K = flags.DEFINE_integer("k", 8, "with --kd_source=offline: log-probabilities kept per token")
+_GAMMA = flags.DEFINE_float("gamma", 0.5, "KD weight on the label and the rationale tokens")
 
 METHODS = {  # name -> (task, use the teacher)
     "fine-tuning": ("arith_finetune", False),
@@ -122,6 +123,7 @@ def main(argv: list[str]) -> None:
     teacher, t = _teacher(out)
     print(f"teacher: {t}", flush=True)
     results = {"teacher": t["test"], "teacher_model": _describe(teacher), "kd_source": None}
+    results["gamma"] = _GAMMA.value
     results.update({"teacher_runs": t, "students": {}, "costs": {}})
     for seed in _SEEDS.value:
         for name, (task, kd) in METHODS.items():
@@ -130,6 +132,7 @@ def main(argv: list[str]) -> None:
             if kd:
                 extra, kd_bindings = _kd_setup(teacher, out)
                 bindings.update(kd_bindings)
+                bindings["KD.weights"] = f"{{'label': {_GAMMA.value}, 'rationale': {_GAMMA.value}}}"
                 results["kd_source"] = _SOURCE.value
             final = _train(["kd/arith_student.gin", *extra], model_dir, bindings)
             acc = _accuracy(final)
