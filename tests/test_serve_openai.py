@@ -7,58 +7,28 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import openai
 import pytest
+from _serve_proc import save_tiny_checkpoint, serving, start
 
 KEY_ENV, SECRET = "DSS_TEST_SERVE_KEY", "sk-serve-e2e-5d4c3b2a"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    import jax
-    import seqio
-    from _tiny_t5 import tiny_config
-
-    from distill_sbs.checkpoints import save_native
     from distill_sbs.data.vocab import ARITH_SPM
-    from distill_sbs.models import EncoderDecoderModel
 
-    cfg = tiny_config()
-    model = EncoderDecoderModel(cfg, seqio.SentencePieceVocabulary(ARITH_SPM, extra_ids=0))
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    save_native(path, model.init_params(jax.random.PRNGKey(0)), cfg, ARITH_SPM, extra_ids=0)
-    return path
-
-
-def _start(cmd, env, timeout=180) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()))
-    reader.start()
-    reader.join(timeout)
-    if not line or "serving" not in line[0]:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}")
-    return proc, line[0].split(" on ")[1].strip()
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), ARITH_SPM)
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint, subprocess_env):
     env = dict(subprocess_env, **{KEY_ENV: SECRET})
-    cmd = [
-        sys.executable, "-m", "distill_sbs.serve", "--checkpoint", checkpoint, "--port", "0",
-        "--max_batch_size", "2", "--max_input_length", "32", "--max_tokens_limit", "16",
-        "--api_key_env", KEY_ENV, "--model_name", "tiny",
-    ]  # fmt: skip
-    proc, base_url = _start(cmd, env)
-    try:
+    limits = {"max_batch_size": 2, "max_input_length": 32, "max_tokens_limit": 16}
+    with serving(checkpoint, env, KEY_ENV, **limits) as base_url:
         yield base_url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +147,7 @@ def test_auth_off_on_loopback(checkpoint, subprocess_env):
         sys.executable, "-m", "distill_sbs.serve", "--checkpoint", checkpoint, "--port", "0",
         "--max_batch_size", "1", "--max_input_length", "16", "--max_tokens_limit", "4",
     ]  # fmt: skip
-    proc, base_url = _start(cmd, subprocess_env)
+    proc, base_url = start(cmd, subprocess_env)
     try:
         anyone = openai.OpenAI(base_url=base_url, api_key="anything", max_retries=0, timeout=120)
         r = anyone.completions.create(model=os.path.basename(checkpoint), prompt="1 =",

@@ -13,48 +13,26 @@ import numpy as np
 import openai
 import pytest
 import requests
-from test_serve_openai import _start
+from _serve_proc import save_tiny_checkpoint, serving
 
 from distill_sbs.teachers.backends import HTTPConfig
 
 KEY_ENV, SECRET = "DSS_TEST_TOPK_KEY", "sk-topk-e2e-7f6e5d4c"
 
 
-def _save_tiny(path: str, spm: str, seed: int = 0, **overrides) -> str:
-    import jax
-    import seqio
-    from _tiny_t5 import tiny_config
-
-    from distill_sbs.checkpoints import save_native
-    from distill_sbs.models import EncoderDecoderModel
-
-    cfg = tiny_config(**overrides)
-    model = EncoderDecoderModel(cfg, seqio.SentencePieceVocabulary(spm, extra_ids=0))
-    save_native(path, model.init_params(jax.random.PRNGKey(seed)), cfg, spm, extra_ids=0)
-    return path
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from distill_sbs.data.vocab import ARITH_SPM
 
-    return _save_tiny(str(tmp_path_factory.mktemp("ckpt") / "tiny"), ARITH_SPM)
+    return save_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), ARITH_SPM)
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint, subprocess_env):
     env = dict(subprocess_env, **{KEY_ENV: SECRET})
-    cmd = [
-        sys.executable, "-m", "distill_sbs.serve", "--checkpoint", checkpoint, "--port", "0",
-        "--max_batch_size", "8", "--max_input_length", "128", "--max_tokens_limit", "128",
-        "--api_key_env", KEY_ENV, "--model_name", "tiny",
-    ]  # fmt: skip
-    proc, base_url = _start(cmd, env)
-    try:
+    limits = {"max_batch_size": 8, "max_input_length": 128, "max_tokens_limit": 128}
+    with serving(checkpoint, env, KEY_ENV, **limits) as base_url:
         yield base_url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +190,7 @@ def test_mismatched_tokenizer_names_the_example(tmp_path, monkeypatch):
     from distill_sbs.generation import ModelGenerator
     from distill_sbs.serve import Server
 
-    model, params = distill_sbs.load(_save_tiny(str(tmp_path / "t5"), str(T5_VOCAB),
+    model, params = distill_sbs.load(save_tiny_checkpoint(str(tmp_path / "t5"), str(T5_VOCAB),
                                                 vocab_size=32128))  # fmt: skip
     monkeypatch.setenv(KEY_ENV, SECRET)
     gen = ModelGenerator(model, params, max_input_length=128, max_batch_size=8)
