@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from absl import app, flags
@@ -40,30 +41,40 @@ from distill_sbs.teachers.backends import (
     TeacherRequest,
 )
 
-_TEACHER = flags.DEFINE_string("teacher", None, "Teacher checkpoint (native, MODEL_DIR or HF).")
-_URL = flags.DEFINE_string(
-    "teacher_url", None, "Base URL of an OpenAI-compatible encoder-decoder server (…/v1)."
-)
-_MODEL = flags.DEFINE_string("model", None, "With --teacher_url: the server's model name.")
-_KEY_ENV = flags.DEFINE_string(
-    "api_key_env", None, "With --teacher_url: NAME of the variable holding the API key."
-)
-_CONCURRENCY = flags.DEFINE_integer("max_concurrency", 4, "With --teacher_url: requests at once.")
-_RETRIES = flags.DEFINE_integer("max_retries", 5, "With --teacher_url: retries per request.")
-_VOCAB_SIZE = flags.DEFINE_integer(
-    "vocab_size",
-    None,
-    "With --teacher_url: the student's T5Config.vocab_size written to the file (default: the "
-    "task vocabulary's size; a T5 student's padded 32128 must be given).",
-)
-_TASK = flags.DEFINE_string("task", None, "Registered task or mixture, e.g. arith_dss.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split to score.")
-_K = flags.DEFINE_integer("k", 8, "Log-probabilities kept per target token.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output .npz file.")
-_BATCH = flags.DEFINE_integer(
-    "batch_size", 32, "Examples per teacher batch (with --teacher_url: per request)."
-)
-_MODULE = flags.DEFINE_string("module", None, "Module to import that registers --task.")
+F = SimpleNamespace()  # the flags, once define_flags() has run
+
+
+def define_flags() -> None:
+    """The flags, defined only when run as a program: defined at import they would clash with
+    annotate's (--teacher, --model, ...) in a process that imports both."""
+    F.teacher = flags.DEFINE_string(
+        "teacher", None, "Teacher checkpoint (native, MODEL_DIR or HF)."
+    )
+    F.url = flags.DEFINE_string(
+        "teacher_url", None, "Base URL of an OpenAI-compatible encoder-decoder server (…/v1)."
+    )
+    F.model = flags.DEFINE_string("model", None, "With --teacher_url: the server's model name.")
+    F.key_env = flags.DEFINE_string(
+        "api_key_env", None, "With --teacher_url: NAME of the variable holding the API key."
+    )
+    F.concurrency = flags.DEFINE_integer(
+        "max_concurrency", 4, "With --teacher_url: requests at once."
+    )
+    F.retries = flags.DEFINE_integer("max_retries", 5, "With --teacher_url: retries per request.")
+    F.vocab_size = flags.DEFINE_integer(
+        "vocab_size",
+        None,
+        "With --teacher_url: the student's T5Config.vocab_size written to the file (default: the "
+        "task vocabulary's size; a T5 student's padded 32128 must be given).",
+    )
+    F.task = flags.DEFINE_string("task", None, "Registered task or mixture, e.g. arith_dss.")
+    F.split = flags.DEFINE_string("split", "train", "Split to score.")
+    F.k = flags.DEFINE_integer("k", 8, "Log-probabilities kept per target token.")
+    F.output = flags.DEFINE_string("output", None, "Output .npz file.")
+    F.batch = flags.DEFINE_integer(
+        "batch_size", 32, "Examples per teacher batch (with --teacher_url: per request)."
+    )
+    F.module = flags.DEFINE_string("module", None, "Module to import that registers --task.")
 
 
 class ServerTopKError(ValueError):
@@ -235,39 +246,40 @@ def _request(i: int, chunk: Sequence[dict[str, Any]]) -> ScoreRequest:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for name, flag in (("task", _TASK), ("output", _OUTPUT)):
+    for name, flag in (("task", F.task), ("output", F.output)):
         if not flag.value:
             raise app.UsageError(f"--{name} is required")
-    if bool(_TEACHER.value) == bool(_URL.value):
+    if bool(F.teacher.value) == bool(F.url.value):
         raise app.UsageError("give exactly one of --teacher (local) and --teacher_url (a server)")
-    if _URL.value and not _MODEL.value:
+    if F.url.value and not F.model.value:
         raise app.UsageError("--teacher_url needs --model (the server's model name)")
-    importlib.import_module(_MODULE.value or "distill_sbs.tasks")
+    importlib.import_module(F.module.value or "distill_sbs.tasks")
     try:
         size = _write()
     except (ValueError, RuntimeError) as e:  # one line, not a traceback: the input is wrong
         raise SystemExit(f"error: {e}") from None
-    print(f"wrote {_OUTPUT.value}: top-{_K.value}, {size:.1f} bytes per target token")
+    print(f"wrote {F.output.value}: top-{F.k.value}, {size:.1f} bytes per target token")
 
 
 def _write() -> float:
     from distill_sbs import distillation, models
 
-    kwargs = {"k": _K.value, "split": _SPLIT.value, "batch_size": _BATCH.value}
-    if _URL.value:
+    kwargs = {"k": F.k.value, "split": F.split.value, "batch_size": F.batch.value}
+    if F.url.value:
         config = HTTPConfig(
-            _URL.value,
-            _MODEL.value,
-            api_key_env=_KEY_ENV.value,
-            max_concurrency=_CONCURRENCY.value,
-            max_retries=_RETRIES.value,
+            F.url.value,
+            F.model.value,
+            api_key_env=F.key_env.value,
+            max_concurrency=F.concurrency.value,
+            max_retries=F.retries.value,
         )
         return write_topk_from_server(
-            config, _TASK.value, _OUTPUT.value, vocab_size=_VOCAB_SIZE.value, **kwargs
+            config, F.task.value, F.output.value, vocab_size=F.vocab_size.value, **kwargs
         )
-    model, params = models.load(_TEACHER.value)
-    return distillation.write_topk(model, params, _TASK.value, _OUTPUT.value, **kwargs)
+    model, params = models.load(F.teacher.value)
+    return distillation.write_topk(model, params, F.task.value, F.output.value, **kwargs)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -178,3 +178,26 @@ def test_no_long_functions_without_a_reason():
                 if length > 80 and "# long:" not in lines[node.lineno - 1]:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length})")
     assert not long, "functions over 80 lines without `# long: <why>`:\n" + "\n".join(long)
+
+
+def test_every_module_imports_beside_every_other(subprocess_env):
+    """All modules in one fresh process: entry points define their absl flags only when run as
+    programs, so no two clash (annotate and annotate_topk both have --teacher) and a library
+    user or a test can import any pair."""
+    import subprocess
+    import sys
+
+    modules = sorted(
+        "distill_sbs." + _module_name(p) if _module_name(p) else "distill_sbs"
+        for p in _package_files()
+        if p.stem != "__main__"
+    )
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code, *modules],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
