@@ -23,6 +23,7 @@ is measured: the best rate of a float32 2048 x 2048 matmul at start-up.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 
@@ -124,7 +125,14 @@ def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]
     kind = getattr(device, "device_kind", "")
     if kind in PEAK_FLOPS:
         return PEAK_FLOPS[kind], f"table: {kind}"
-    return measure_matmul_peak(), f"measured: float32 2048^3 matmul on {kind or device.platform}"
+    return _measured_peak(kind or device.platform)
+
+
+@functools.cache
+def _measured_peak(device_name: str) -> tuple[float, str]:
+    """Once per process and device kind: the timed matmul takes about a second, and a sweep
+    trains all its runs in one process."""
+    return measure_matmul_peak(), f"measured: float32 2048^3 matmul on {device_name}"
 
 
 class Throughput:

@@ -15,7 +15,6 @@ and at the end (TensorBoard under MODEL_DIR/eval); `finish` writes final_metrics
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -444,18 +443,11 @@ class _ReportProgress(periodic_actions.ReportProgress):
         super()._apply(step, t)
 
 
-@functools.cache
-def _peak_flops_per_device() -> tuple[float, str]:
-    """Once per process: on CPU it is a timed matmul of about a second, and a sweep trains all its
-    runs in one process."""
-    return flops.peak_flops_per_device()
-
-
 def throughput_counter(run: Run) -> flops.Throughput:
     """Counts model FLOPs of this host's batches against the peak of the devices that run them:
     per-device peaks from the device kind; on CPU one measured matmul peak for the whole host
     (simulated CPU devices share its cores)."""
-    peak, source = _peak_flops_per_device()
+    peak, source = flops.peak_flops_per_device()
     if jax.local_devices()[0].platform != "cpu":
         peak *= jax.local_device_count()
     if jax.process_index() == 0:

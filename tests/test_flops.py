@@ -68,6 +68,8 @@ def test_peak_comes_from_the_device_kind_table_or_is_measured():
     cpu = types.SimpleNamespace(device_kind="cpu", platform="cpu")
     peak, source = flops.peak_flops_per_device(cpu)
     assert source.startswith("measured") and 1e8 < peak < 1e14
+    # measured once per process (a sweep trains all its runs in one): the same figure again
+    assert flops.peak_flops_per_device(cpu) == (peak, source)
 
 
 def test_log_line_and_metrics_file_carry_tokens_per_s_and_mfu(tmp_path, capsys):
