@@ -16,6 +16,15 @@ from typing import Any, Protocol
 import numpy as np
 
 
+def token_text(tokenizer: Any, t: int) -> str:
+    """One token's text as logprobs name it (generation and scoring alike): its SentencePiece
+    piece as it reads inside a sequence ("\u2581" is a space), or `token_id:N` (vLLM's spelling)
+    for an id no piece has (a T5 vocabulary's sentinels and padding, ids 32000-32127)."""
+    if t < tokenizer.get_piece_size():
+        return tokenizer.id_to_piece(t).replace("\u2581", " ")
+    return f"token_id:{t}"
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationParams:
     """Decoding parameters of one request; part of the cache key."""
@@ -306,11 +315,10 @@ class ModelGenerator:
         return Token(self._piece(t), float(token_lp[r, step]), top)
 
     def _piece(self, t: int) -> str:
-        """The text of one token as it reads inside a sequence (SentencePiece's "▁" is a space)."""
         tokenizer = getattr(self.model.vocabulary, "tokenizer", None)
         if tokenizer is None:
             return self._decode([t])
-        return tokenizer.id_to_piece(t).replace("\u2581", " ")
+        return token_text(tokenizer, t)
 
     def _decode(self, ids: list[int]) -> str:
         return self.model.decode_tokens(np.asarray([ids], np.int32))[0] if ids else ""

@@ -198,3 +198,18 @@ def test_mismatched_tokenizer_names_the_example(tmp_path, monkeypatch):
         with pytest.raises(ServerTopKError, match=r"example 'arith-test-\d+' .*tokenizer differs"):
             write_topk_from_server(_config(s.base_url), "arith_dss", str(tmp_path / "x.npz"),
                                    k=4, split="test", batch_size=8)  # fmt: skip
+
+
+def test_token_text_names_ids_without_a_piece(t5_vocab):
+    """Generation's and scoring's one spelling of a token (tokens and top_logprobs): the piece
+    with "\u2581" as a space, `token_id:N` for T5's sentinel and padding ids past the pieces."""
+    import sentencepiece as spm
+
+    from distill_sbs.generation import token_text
+
+    tokenizer = spm.SentencePieceProcessor(model_file=str(t5_vocab))
+    the = tokenizer.piece_to_id("\u2581the")
+    assert token_text(tokenizer, the) == " the"
+    assert token_text(tokenizer, 1) == "</s>"
+    assert token_text(tokenizer, 32005) == "token_id:32005"
+    assert token_text(tokenizer, 32127) == "token_id:32127"

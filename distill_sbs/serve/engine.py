@@ -21,6 +21,7 @@ from distill_sbs.generation import (
     Generator,
     Token,
     bucket,
+    token_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ class Scorer:
         self.max_input_length, self.max_batch_size = max_input_length, max_batch_size
         k = min(TOP_LOGPROBS_MAX, model.config.vocab_size)
         self._topk = distillation.TeacherForcedTopK(model, params, k)
-        self._pieces = self.vocab.tokenizer.get_piece_size()
 
     @classmethod
     def for_generator(cls, generator: Generator, max_batch_size: int) -> Scorer | None:
@@ -80,12 +80,7 @@ class Scorer:
         return inputs, targets, target
 
     def piece(self, t: int) -> str:
-        """A token's text as the logprobs name it: its SentencePiece piece with "\u2581" as a
-        space (as generation names tokens); `token_id:N` (vLLM's spelling) for an id of the
-        model's padded vocabulary that no piece has."""
-        if t < self._pieces:
-            return self.vocab.tokenizer.id_to_piece(t).replace("\u2581", " ")
-        return f"token_id:{t}"
+        return token_text(self.vocab.tokenizer, t)
 
     def _top(self, ids: Any, lp: Any) -> tuple[tuple[str, float], ...]:
         return tuple((self.piece(int(a)), float(b)) for a, b in zip(ids, lp, strict=True))
