@@ -37,8 +37,9 @@ projections, MLP, logits, and attention scores/values over the sequence's own le
 square for causal self-attention, by convention), times 3 for forward + backward. Both sides thus
 get the same FLOPs for the same example; padding and packing overheads count as lost utilisation.
 The peak is the best of a float32 2048x2048 matmul in JAX and in PyTorch on the same cores.
-glibc's allocator is set up as the launchers set it (distill_sbs.host_memory; both sides share
-the process, so both get it; DISTILL_SBS_HOST_MALLOC=system keeps the defaults).
+The process is set up as the launchers set it (distill_sbs.cpu_host): glibc's allocator (both
+sides share the process, so both get it; DISTILL_SBS_HOST_MALLOC=system keeps the defaults) and
+XLA's CPU compiler flags (ours only; a setting of the same flag in XLA_FLAGS wins).
 """
 
 from __future__ import annotations
@@ -92,9 +93,9 @@ if ARGS is not None and ARGS.threads:
     # Pin before jax/torch start their thread pools, so both see the same cores.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: ARGS.threads])
 if ARGS is not None:
-    from distill_sbs import host_memory  # noqa: E402  (both sides: one process, one allocator)
+    from distill_sbs import cpu_host  # noqa: E402  (both sides: one process, one allocator)
 
-    print(f"host malloc tuned: {host_memory.keep_buffers_in_heap()}")
+    print(f"CPU host set-up (as the launchers do): {cpu_host.prepare()}")
 
 import _reference_dss as ref  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import jax  # noqa: E402

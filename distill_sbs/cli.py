@@ -31,7 +31,7 @@ from pathlib import Path
 import gin
 from absl import app, flags
 
-from distill_sbs import host_memory
+from distill_sbs import cpu_host
 from distill_sbs.errors import DEBUG_ENV, EXIT_CODE, UserError
 
 GIN_DIR = Path(__file__).resolve().parent / "gin"
@@ -290,7 +290,7 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 def run(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
     """The absl app of an entry point: parses the flags and gin, then calls `main` (a function
     whose arguments gin binds). --help prints the entry point's docstring and the flags."""
-    host_memory.keep_buffers_in_heap()  # before JAX starts its threads
+    cpu_host.prepare()  # before JAX starts its threads or creates its backend
     argv = list(sys.argv if argv is None else argv)
     # listed by the launcher's --help
     for name in ("gin_file", "gin_bindings", "gin_search_paths", "debug"):

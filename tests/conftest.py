@@ -10,11 +10,17 @@ from __future__ import annotations
 import os
 import pathlib
 
-import pytest
-from _shared_data import REPO, T5_VOCAB, require_dss
-from _tiny_t5 import tiny_config
+from distill_sbs import cpu_host
 
-from distill_sbs.network import T5Config
+# The tests compile as the launchers do (before any JAX computation: XLA reads XLA_FLAGS once),
+# so the numerics checks below (Hugging Face parity, losses) hold for what users run.
+cpu_host.fuse_elementwise_in_ynnpack()
+
+import pytest  # noqa: E402
+from _shared_data import REPO, T5_VOCAB, require_dss  # noqa: E402
+from _tiny_t5 import tiny_config  # noqa: E402
+
+from distill_sbs.network import T5Config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
         "partitioning",
         "optimizers",
         "errors",
-        "host_memory",
+        "cpu_host",
         "storage",
         "data.records",
         "data.options",
