@@ -28,8 +28,9 @@ An "example" is one DSS example, i.e. one reference batch row through both passe
 target and its rationale target. Ours counts (label sequences + rationale sequences) / 2 in each
 packed batch (the SeqIO mixture samples the two objectives independently at rate 1 : 1).
 
-Each side runs one untimed warm-up step (ours: compilation; reported), then --steps timed steps,
-ours and the reference alternating in --rounds blocks so that load changes hit both alike.
+Each side runs --warmup untimed steps, alternating (ours: compilation; then the shared heap's
+one-time growth; reported), then --steps timed steps, ours and the reference alternating in
+--rounds blocks so that load changes hit both alike.
 
 Model FLOPs (for MFU; `distill_sbs.flops.sequence_train_flops`, the formula the training log
 uses) are counted per sequence from its real (unpadded) lengths, matmuls only:
@@ -61,6 +62,12 @@ _FLAGS = [
     flags.DEFINE_enum("mode", "both", ["a", "b", "both"], "Which comparison to run."),
     flags.DEFINE_integer("steps", 3, "Timed steps per side and mode."),
     flags.DEFINE_integer("rounds", 3, "Alternate ours/reference in this many blocks."),
+    flags.DEFINE_integer(
+        "warmup",
+        2,
+        "Untimed steps per side first, alternating ours/reference (1: compilation; 2: also the "
+        "heap growth to what both sides need together, once).",
+    ),
     flags.DEFINE_integer(
         "threads",
         1,
@@ -347,7 +354,11 @@ def run_mode(
     model = ref.ReferenceDssTrainer(ref.t5_1_1_small(args.dropout), alpha=args.alpha)
     a, r = Side("ours"), Side("reference")
 
-    for i in range(warmup):  # compilation (ours) and allocator warm-up (reference)
+    # Untimed: compilation (ours), then the process heap's growth. Both sides share one heap
+    # (one arena, no trimming: cpu_host), so the first step of ours after the reference's first
+    # step grows it to what both need together, once: 530,000 minor page faults and 7 s of
+    # system time in that one step on this VM, none after (getrusage per step).
+    for i in range(warmup):
         a.warmup_s.append(_timed(lambda i=i: ours.step(ours_batches[i])))
         r.warmup_s.append(_timed(lambda i=i: model.step(ref.collate(ref_batches[i]))))
 
@@ -392,7 +403,7 @@ def mode_a(args: SimpleNamespace, peak: float) -> dict[str, Any]:
         f"label {args.label_length}, rationale {args.rationale_length}"
     )
     rng = np.random.default_rng(args.seed)
-    warmup = 1
+    warmup = args.warmup
     ref_batches = [random_examples(args, rng) for _ in range(warmup + args.steps)]
     # One row per example: its two inputs and its label + rationale targets, no padding.
     in_len, tgt_len = 2 * args.input_length, args.label_length + args.rationale_length
@@ -410,7 +421,7 @@ def mode_b(args: SimpleNamespace, peak: float) -> dict[str, Any]:
         f"(b) CQA train: reference {args.batch} examples/step padded per batch; "
         f"ours packed {args.pack_rows} x {args.pack_lengths}"
     )
-    warmup = 1
+    warmup = args.warmup
     examples = cqa_examples()
     order = np.random.default_rng(args.seed).permutation(len(examples))
     n = warmup + args.steps
