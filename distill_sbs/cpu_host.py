@@ -55,21 +55,21 @@ def keep_buffers_in_heap() -> bool:
     global _heap_tuned
     if _heap_tuned is None:
         _heap_tuned = False
-        if os.environ.get(MALLOC_ENV, "").lower() != "system" and sys.platform == "linux":
-            if cpu_only():
-                try:
-                    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                    mallopt = libc.mallopt
-                except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-                    return False
-                _heap_tuned = all(
-                    mallopt(param, value) == 1
-                    for param, value in (
-                        (_M_ARENA_MAX, 1),  # worker threads allocate from the heap too
-                        (_M_MMAP_MAX, 0),  # large blocks from the heap, reused after free
-                        (_M_TRIM_THRESHOLD, 2**31 - 1),  # never hand the top of the heap back
-                    )
+        opted_out = os.environ.get(MALLOC_ENV, "").lower() == "system"
+        if not opted_out and sys.platform == "linux" and cpu_only():
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+                return False
+            _heap_tuned = all(
+                mallopt(param, value) == 1
+                for param, value in (
+                    (_M_ARENA_MAX, 1),  # worker threads allocate from the heap too
+                    (_M_MMAP_MAX, 0),  # large blocks from the heap, reused after free
+                    (_M_TRIM_THRESHOLD, 2**31 - 1),  # never hand the top of the heap back
                 )
+            )
     return _heap_tuned
 
 

@@ -30,19 +30,30 @@ print(json.dumps({"tuned": tuned, "faults_per_call": faults}))
 """
 
 
-def _probe(env_extra: dict[str, str], subprocess_env: dict[str, str]) -> dict:
+def _run_probe(
+    code: str, args: list[str], env_set: dict[str, str | None], subprocess_env: dict[str, str]
+) -> dict:
+    """Runs a probe script on CPU JAX with `env_set` applied (None: removed); its last JSON line."""
     env = {**subprocess_env, "JAX_PLATFORMS": "cpu"}
-    env.pop("DISTILL_SBS_HOST_MALLOC", None)
-    env.update(env_extra)
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+    for name, value in env_set.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _probe(malloc: str | None, subprocess_env: dict[str, str]) -> dict:
+    return _run_probe(_PROBE, [], {"DISTILL_SBS_HOST_MALLOC": malloc}, subprocess_env)
 
 
 def test_tuned_heap_avoids_per_call_page_faults(subprocess_env):
-    default = _probe({"DISTILL_SBS_HOST_MALLOC": "system"}, subprocess_env)
-    tuned = _probe({}, subprocess_env)
+    default = _probe("system", subprocess_env)
+    tuned = _probe(None, subprocess_env)
     assert default["tuned"] is False and tuned["tuned"] is True
     # One 64 MB temporary is 16,384 pages: glibc's defaults fault them in on every call.
     assert default["faults_per_call"] > 15_000, default
@@ -92,15 +103,7 @@ print(json.dumps({"applied": applied, "flags": flags, "tanh_fusions": tanh_fusio
 
 
 def _grad_probe(xla_flags: str | None, out, subprocess_env: dict[str, str]) -> dict:
-    env = {**subprocess_env, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    if xla_flags is not None:
-        env["XLA_FLAGS"] = xla_flags
-    run = subprocess.run(
-        [sys.executable, "-c", _GRAD_PROBE, str(out)], env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return _run_probe(_GRAD_PROBE, [str(out)], {"XLA_FLAGS": xla_flags}, subprocess_env)
 
 
 def test_elementwise_fusions_go_to_ynnpack_with_the_same_gradients(tmp_path, subprocess_env):
