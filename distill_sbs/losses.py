@@ -5,6 +5,8 @@
 With two objectives, label (w=alpha) and rationale (w=1-alpha), this is the Distilling Step-by-Step
 reference `alpha * label_loss + (1 - alpha) * rationale_loss`, each a token mean as Hugging Face's
 CrossEntropyLoss(ignore_index=-100) computes it. Objectives absent from a batch contribute 0.
+Logit distillation adds sum_k gamma_k * (sum of the divergence over objective k's tokens) / (the
+same number); `objective_means` is the one normalisation both terms go through.
 
 `ObjectiveLoss` is the loss's configuration (w_k, label smoothing, z-loss) plus the reading of a
 feature-converted batch (targets, loss weights, objective ids); a model's `loss_fn` applies it to
@@ -21,12 +23,26 @@ import jax
 import jax.numpy as jnp
 
 
+def _objective_mask(
+    objective_ids: jax.Array, loss_weights: jax.Array, num_objectives: int
+) -> jax.Array:
+    """float32 [batch, length, K]: each token's loss weight in the column of its objective."""
+    onehot = jax.nn.one_hot(objective_ids, num_objectives, dtype=jnp.float32)
+    return onehot * loss_weights.astype(jnp.float32)[..., None]
+
+
 def objective_token_counts(
     loss_weights: jax.Array, objective_ids: jax.Array, num_objectives: int
 ) -> jax.Array:
     """float32 [num_objectives]: loss-weighted number of target tokens of each objective."""
-    onehot = jax.nn.one_hot(objective_ids, num_objectives, dtype=jnp.float32)  # [b, l, k]
-    return jnp.einsum("blk,bl->k", onehot, loss_weights.astype(jnp.float32))
+    return jnp.sum(_objective_mask(objective_ids, loss_weights, num_objectives), axis=(0, 1))
+
+
+def objective_means(sums: jax.Array, counts: jax.Array) -> jax.Array:
+    """float32 [K]: the per-objective normalisation, sums_k / counts_k, shared by the
+    cross-entropy and the distillation divergence; 0 for an objective absent from the batch
+    (count 0), with no NaN in the value or its gradient."""
+    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1e-8), 0.0)
 
 
 def weighted_objective_loss(
@@ -39,6 +55,8 @@ def weighted_objective_loss(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     token_counts: jax.Array | None = None,
+    divergence: jax.Array | None = None,
+    divergence_weights: jax.Array | Any = (),
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (scalar loss, metrics) for one batch.
 
@@ -48,10 +66,14 @@ def weighted_objective_loss(
     z_loss: coefficient of log(Z)^2 per token (T5X's auxiliary loss), normalised like the CE.
     token_counts: [num_objectives] denominators; pass the full batch's counts when this call sees
       one microbatch of it, so that microbatch losses add up to the full-batch loss exactly.
+    divergence: float [batch, length] per-token distillation divergence (distillation_divergence),
+      added as sum_k gamma_k * (its sum over objective k's tokens) / (number of those tokens),
+      over the same tokens and denominators as the CE; divergence_weights: [K] (gamma_k).
 
     metrics (all float32 sums, so they add up across microbatches and steps):
       "ce_sum" [K] cross-entropy summed over objective k's tokens (without z-loss, with smoothing),
-      "correct" [K] hits (target logit is the max), "tokens" [K] token counts, "z_loss_sum" scalar.
+      "correct" [K] hits (target logit is the max), "tokens" [K] token counts, "z_loss_sum" scalar,
+      and with a divergence "div_sum" [K] its sum over objective k's tokens.
     """
     objective_weights = jnp.asarray(objective_weights, jnp.float32)
     k = objective_weights.shape[0]
@@ -73,23 +95,23 @@ def weighted_objective_loss(
         ce = nll
     zl = z_loss * jnp.square(log_z)
 
-    onehot = jax.nn.one_hot(objective_ids, k, dtype=jnp.float32) * weights[..., None]  # [b, l, k]
+    onehot = _objective_mask(objective_ids, weights, k)  # [b, l, k]
     ce_sum = jnp.einsum("blk,bl->k", onehot, ce)
     z_sum = jnp.einsum("blk,bl->k", onehot, zl)
-    counts = jnp.sum(onehot, axis=(0, 1)) if token_counts is None else token_counts
+    tokens = jnp.sum(onehot, axis=(0, 1))
+    counts = tokens if token_counts is None else token_counts
     # A hit: the target's logit is the largest (the max is logsumexp's own; an argmax is a
     # variadic reduce that XLA's CPU backend runs unvectorised: 2% of a t5 small step). Unlike
     # argmax, an exact tie with another token counts as a hit.
     hit = target_logit >= jnp.max(logits, axis=-1)
     correct = jnp.einsum("blk,bl->k", onehot, hit.astype(jnp.float32))
-    per_objective = (ce_sum + z_sum) / jnp.maximum(counts, 1e-8)
-    loss = jnp.sum(objective_weights * jnp.where(counts > 0, per_objective, 0.0))
-    metrics = {
-        "ce_sum": ce_sum,
-        "correct": correct,
-        "tokens": jnp.sum(onehot, axis=(0, 1)),
-        "z_loss_sum": jnp.sum(z_sum),
-    }
+    loss = jnp.sum(objective_weights * objective_means(ce_sum + z_sum, counts))
+    metrics = {"ce_sum": ce_sum, "correct": correct, "tokens": tokens, "z_loss_sum": jnp.sum(z_sum)}
+    if divergence is not None:
+        gammas = jnp.asarray(divergence_weights, jnp.float32)
+        div_sum = jnp.einsum("blk,bl->k", onehot, divergence)
+        loss = loss + jnp.sum(gammas * objective_means(div_sum, counts))
+        metrics["div_sum"] = div_sum
     return loss, metrics
 
 
@@ -145,7 +167,19 @@ class ObjectiveLoss:
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(loss, metric sums) of `logits` [batch, length, vocab] against the batch's targets;
         `teacher` (full logits or top-k, see distillation_divergence) when `distills`."""
-        loss, metrics = weighted_objective_loss(
+        divergence = None
+        if self.distills:
+            if teacher is None:
+                raise ValueError("ObjectiveLoss has divergence weights but no teacher was given")
+            divergence = distillation_divergence(
+                logits,
+                teacher,
+                kind=self.divergence,
+                beta=self.beta,
+                temperature=self.temperature,
+                scale_by_t2=self.scale_by_t2,
+            )
+        return weighted_objective_loss(
             logits,
             batch["decoder_target_tokens"],
             batch["decoder_loss_weights"],
@@ -154,27 +188,9 @@ class ObjectiveLoss:
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             token_counts=token_counts,
+            divergence=divergence,
+            divergence_weights=self.divergence_weights,
         )
-        if not self.distills:
-            return loss, metrics
-        if teacher is None:
-            raise ValueError("ObjectiveLoss has divergence weights but no teacher was given")
-        per_token = distillation_divergence(
-            logits,
-            teacher,
-            kind=self.divergence,
-            beta=self.beta,
-            temperature=self.temperature,
-            scale_by_t2=self.scale_by_t2,
-        )
-        k = self.num_objectives
-        onehot = jax.nn.one_hot(objective_ids(batch), k, dtype=jnp.float32)
-        onehot = onehot * batch["decoder_loss_weights"].astype(jnp.float32)[..., None]
-        div_sum = jnp.einsum("blk,bl->k", onehot, per_token)
-        counts = jnp.sum(onehot, axis=(0, 1)) if token_counts is None else token_counts
-        gammas = jnp.asarray(self.divergence_weights, jnp.float32)
-        per_objective = jnp.where(counts > 0, div_sum / jnp.maximum(counts, 1e-8), 0.0)
-        return loss + jnp.sum(gammas * per_objective), dict(metrics, div_sum=div_sum)
 
 
 def summarize_metrics(

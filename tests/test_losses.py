@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill_sbs.losses import summarize_metrics, weighted_objective_loss
+from distill_sbs.losses import ObjectiveLoss, summarize_metrics, weighted_objective_loss
 
 
 def _numpy_loss(logits, targets, weights, obj_ids, obj_weights, label_smoothing=0.0, z_loss=0.0):
@@ -90,6 +90,65 @@ def test_microbatch_losses_add_up_with_full_batch_counts():
     np.testing.assert_allclose(float(sum(parts)), float(full), rtol=1e-6)
 
 
+# ---- the distillation term: the same per-objective normalisation as the CE ---------------------
+
+
+def _numpy_kd(logits, teacher, weights, obj_ids, gammas, counts=None):
+    """sum_k gamma_k * (sum of KL(P_teacher || Q_student) over objective k's tokens) / n_k, by
+    loops over tokens in float64; n_k from `counts` when given (the full batch's counts)."""
+    total = 0.0
+    for k, g in enumerate(gammas):
+        kl_sum, n = 0.0, 0.0
+        for i, j in np.ndindex(*obj_ids.shape):
+            if obj_ids[i, j] != k or weights[i, j] == 0:
+                continue
+            s, t = logits[i, j].astype(np.float64), teacher[i, j].astype(np.float64)
+            log_q = s - np.log(np.exp(s - s.max()).sum()) - s.max()
+            log_p = t - np.log(np.exp(t - t.max()).sum()) - t.max()
+            kl_sum += weights[i, j] * np.sum(np.exp(log_p) * (log_p - log_q))
+            n += weights[i, j]
+        n = n if counts is None else float(counts[k])
+        if n:
+            total += g * kl_sum / n
+    return total
+
+
+def test_distillation_term_matches_numpy_reference():
+    """ObjectiveLoss with divergence weights: CE plus gamma_k * mean_k(KL), an absent objective
+    adding 0, and microbatches with the full batch's counts adding up to the full-batch loss."""
+    logits, targets, weights, obj = _batch(seed=3, b=4, k=3)
+    obj = np.where(obj == 2, 1, obj)  # objective 2 absent from the batch
+    teacher = np.random.default_rng(4).normal(size=logits.shape).astype(np.float32) * 2
+    w, gammas = (0.4, 0.6, 1.0), (0.7, 0.2, 3.0)
+    loss = ObjectiveLoss(w, divergence_weights=gammas, divergence="forward_kl")
+
+    def batch(rows):
+        return {
+            "decoder_target_tokens": targets[rows],
+            "decoder_loss_weights": weights[rows],
+            "decoder_objective_ids": obj[rows],
+        }
+
+    full, m = loss(logits, batch(slice(None)), teacher=teacher)
+    ce = _numpy_loss(logits, targets, weights, obj, w)
+    kd = _numpy_kd(logits, teacher, weights, obj, gammas)
+    assert kd > 0.1 * ce  # the term is large enough that a wrong normalisation would show
+    np.testing.assert_allclose(float(full), ce + kd, rtol=1e-5)
+    assert float(m["div_sum"][2]) == 0.0
+    counts = m["tokens"]
+    parts = []
+    for rows in (slice(0, 1), slice(1, 4)):
+        part, _ = loss(logits[rows], batch(rows), token_counts=counts, teacher=teacher[rows])
+        want = _numpy_kd(logits[rows], teacher[rows], weights[rows], obj[rows], gammas, counts)
+        np.testing.assert_allclose(
+            float(part) - float(ObjectiveLoss(w)(logits[rows], batch(rows), counts)[0]),
+            want,
+            rtol=1e-5,
+        )
+        parts.append(float(part))
+    np.testing.assert_allclose(sum(parts), float(full), rtol=1e-5)
+
+
 # ---- the DSS reference loss, computed independently with Hugging Face T5 in PyTorch ----------
 
 
@@ -137,7 +196,6 @@ def test_loss_and_grads_equal_hf_dss_reference():
     import jax
 
     from distill_sbs.convert import params_to_hf_state_dict
-    from distill_sbs.losses import ObjectiveLoss
     from distill_sbs.models import EncoderDecoderModel
     from distill_sbs.network import T5Config
 
