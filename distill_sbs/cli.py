@@ -1,4 +1,4 @@
-"""absl flags + gin for the entry points (train, eval, infer, compare), T5X style:
+"""gin for the programs it configures (train, eval, infer, compare, sweep, memory_plan), T5X style:
 
     python -m distill_sbs.compare --gin_file=quickstart.gin --gin.TRAIN_STEPS=100 \\
         --gin.MODEL_DIR="'/tmp/x'"
@@ -8,9 +8,9 @@ comma-separated as in T5X), and the shorthand --gin.KEY=VALUE for --gin_bindings
 gin files are found by path, then under each search path, then in the package's own gin/
 directory (the configs travel with the package); ".gin" may be left out.
 
-One error path: a user error (errors.UserError, a gin error, a missing file) prints one line
-`error: <what and how to fix it>` and exits 2; --debug (or DISTILL_SBS_DEBUG=1) shows the
-traceback instead. A macro bound but never referenced (`--gin.TRAIN_STPES=2`) is an error.
+`run` is program.run (CPU host set-up, flags defined only when run, a user error as one line
+`error: ...` and exit status 2) with the gin flags added; a gin error is a user error, and so is
+a macro bound but never referenced (`--gin.TRAIN_STPES=2`).
 T5X habits: its logging flags (absl's), --tfds_data_dir, MIXTURE_OR_TASK_MODULE (imported
 after parsing, to register the task) and USE_CACHED_TASKS (accepted; our tasks are built in
 memory) work as there.
@@ -24,33 +24,20 @@ import importlib
 import logging
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import gin
-from absl import app, flags
+from absl import flags
 
-from distill_sbs import cpu_host
-from distill_sbs.errors import DEBUG_ENV, EXIT_CODE, UserError
+from distill_sbs import program
+from distill_sbs.errors import UserError
+from distill_sbs.program import call_reporting_user_errors, one_line
 
 GIN_DIR = Path(__file__).resolve().parent / "gin"
 # Macros of T5X's run configs that a config may bind without this package referencing them.
 T5X_MACROS = ("MIXTURE_OR_TASK_MODULE", "USE_CACHED_TASKS")
 
-flags.DEFINE_multi_string("gin_file", None, "gin config file(s); see --gin_search_paths.")
-flags.DEFINE_multi_string(
-    "gin_bindings", [], "gin binding(s), e.g. 'TRAIN_STEPS = 100'; short: --gin.TRAIN_STEPS=100"
-)
-flags.DEFINE_multi_string(
-    "gin_search_paths",
-    [],
-    f"directories searched for gin files (and {GIN_DIR} always); repeatable or comma-separated.",
-)
-flags.DEFINE_bool("debug", False, f"show the traceback of a user error (also {DEBUG_ENV}=1).")
-flags.DEFINE_string(
-    "tfds_data_dir", None, "as in T5X: the directory of TensorFlow Datasets' prepared data."
-)
 FLAGS = flags.FLAGS
 
 
@@ -62,7 +49,7 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
         if arg.startswith("--gin."):
             key, sep, value = arg[len("--gin.") :].partition("=")
             if not sep:
-                raise SystemExit(f"{arg}: expected --gin.KEY=VALUE")
+                raise UserError(f"{arg}: expected --gin.KEY=VALUE")
             arg = f"--gin_bindings={key} = {value}"
         out.append(arg)
     return out
@@ -176,14 +163,6 @@ def check_macros() -> None:
         )
 
 
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line, without gin's "In call to configurable" notes."""
-    text = str(error).split("\n  In call to configurable")[0]
-    if isinstance(error, KeyError) and len(error.args) == 1:
-        text = str(error.args[0])
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
 def is_bound(parameter: str) -> bool:
     """Whether the parsed gin config binds `parameter` ("configurable.arg" or "%MACRO")."""
     try:
@@ -223,37 +202,31 @@ def import_task_module() -> None:
         raise UserError(f"MIXTURE_OR_TASK_MODULE={module!r} cannot be imported: {e}") from e
 
 
-# Errors of the user's making that libraries raise as the standard library's types.
-_USER_ERRORS = (
-    UserError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+def define_flags() -> None:
+    """The gin flags (--gin_file, --gin_bindings, --gin_search_paths) and T5X's --tfds_data_dir,
+    defined by `run` (importing cli defines none)."""
+    if "gin_file" in FLAGS:  # run twice in one process (a test)
+        return
+    flags.DEFINE_multi_string("gin_file", None, "gin config file(s); see --gin_search_paths.")
+    flags.DEFINE_multi_string(
+        "gin_bindings", [], "gin binding(s), e.g. 'TRAIN_STEPS = 100'; short: --gin.TRAIN_STEPS=100"
+    )
+    flags.DEFINE_multi_string(
+        "gin_search_paths",
+        [],
+        f"directories searched for gin files (and {GIN_DIR} always); repeatable or "
+        "comma-separated.",
+    )
+    flags.DEFINE_string(
+        "tfds_data_dir", None, "as in T5X: the directory of TensorFlow Datasets' prepared data."
+    )
 
 
-def debug_enabled() -> bool:
-    """--debug, or DISTILL_SBS_DEBUG set to anything but "" or "0"."""
-    flag = FLAGS["debug"].value if FLAGS.is_parsed() else False
-    return bool(flag) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def call_reporting_user_errors(fn: Callable[[], object]) -> object:
-    """Calls fn; a user error becomes `error: <message>` on stderr and exit status 2 (the
-    traceback as well with --debug). Used by every entry point's main."""
-    try:
-        return fn()
-    except _USER_ERRORS as e:
-        if debug_enabled():
-            traceback.print_exc()
-        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_CODE) from None
-
-
-def _setup_and_call(main: Callable[[], object], argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise UserError(f"unknown argument(s): {list(argv[1:])}; use --gin_file and --gin.K=V")
+def _setup_and_call(main: Callable[[], object]) -> None:
+    # absl raises an unset --verbosity to INFO, which floods stderr with the libraries' (orbax,
+    # seqio) progress logs; keep warnings and errors only unless the user asks (--verbosity=0).
+    if FLAGS["verbosity"].using_default_value:
+        FLAGS.verbosity = -1
     if not FLAGS.gin_file:
         raise UserError("no --gin_file given (e.g. --gin_file=runs/train.gin)")
     from distill_sbs.partitioning import maybe_initialize_distributed
@@ -278,25 +251,19 @@ def _setup_and_call(main: Callable[[], object], argv: Sequence[str]) -> None:
     main()
 
 
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-    rest = app.parse_flags_with_usage(rewrite_gin_args(argv))
-    # absl raises an unset --verbosity to INFO, which floods stderr with the libraries' (orbax,
-    # seqio) progress logs; keep warnings and errors only unless the user asks (--verbosity=0).
-    if FLAGS["verbosity"].using_default_value:
-        FLAGS.verbosity = -1
-    return rest
+def run(
+    main: Callable[[], object],
+    define_program_flags: Callable[[], object] | None = None,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """A program configured by gin, under program.run's contract: defines the gin flags (and
+    the program's own, `define_program_flags`), parses the flags and gin, then calls `main` (a
+    function whose arguments gin binds). --help prints the program's docstring and the flags."""
 
+    def define() -> None:
+        define_flags()
+        if define_program_flags is not None:
+            define_program_flags()
 
-def run(main: Callable[[], object], argv: Sequence[str] | None = None) -> None:
-    """The absl app of an entry point: parses the flags and gin, then calls `main` (a function
-    whose arguments gin binds). --help prints the entry point's docstring and the flags."""
-    cpu_host.prepare()  # before JAX starts its threads or creates its backend
-    argv = list(sys.argv if argv is None else argv)
-    # listed by the launcher's --help
-    for name in ("gin_file", "gin_bindings", "gin_search_paths", "debug"):
-        FLAGS.register_key_flag_for_module(argv[0], FLAGS[name])
-    app.run(
-        lambda args: call_reporting_user_errors(lambda: _setup_and_call(main, args)),
-        argv=argv,
-        flags_parser=_parse_flags,
-    )
+    args = call_reporting_user_errors(lambda: rewrite_gin_args(sys.argv if argv is None else argv))
+    program.run(lambda: _setup_and_call(main), define, argv=args)

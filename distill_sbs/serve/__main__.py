@@ -10,11 +10,7 @@ become one input text: the text content of every message, in order, joined by a 
 are dropped, because a student is trained on plain inputs. See docs/serve.md.
 """
 
-from absl import app, flags
-
 from distill_sbs.serve import cli
 
 if __name__ == "__main__":
-    cli.define_flags()
-    flags.adopt_module_key_flags(cli)  # --help lists them, as flags of this program
-    app.run(cli.main)
+    cli.run()

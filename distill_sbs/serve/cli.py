@@ -1,14 +1,16 @@
-"""The command line of `python -m distill_sbs.serve`: its flags (`define_flags`) and `main`."""
+"""The command line of `python -m distill_sbs.serve`: its flags (`define_flags`), `main`, and
+`run` (program.run over both; a user error is one line `error: ...` and exit status 2)."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import logging
 import os
 import time
-from collections.abc import Sequence
 
-from distill_sbs import storage
+from distill_sbs import program, storage
 from distill_sbs.errors import UserError
 from distill_sbs.serve.app import CompletionHandler, Limits
 from distill_sbs.serve.server import Server, check_auth_settings
@@ -16,26 +18,28 @@ from distill_sbs.serve.server import Server, check_auth_settings
 logger = logging.getLogger(__name__)
 
 
-def main(argv: Sequence[str], handler_class: type[CompletionHandler] = CompletionHandler) -> None:
-    """The command line (flags from define_flags); `handler_class` as in Server."""
+def run(handler_class: type[CompletionHandler] = CompletionHandler) -> None:
+    """The program: `python -m distill_sbs.serve`; `handler_class` as in Server."""
+    program.run(functools.partial(main, handler_class), define_flags)
+
+
+def main(handler_class: type[CompletionHandler] = CompletionHandler) -> None:
+    """Serves the checkpoint the flags (define_flags) name, until interrupted."""
     from absl import flags
 
     from distill_sbs.generation import ModelGenerator
 
     FLAGS = flags.FLAGS
-    del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     api_key = None
     if FLAGS.api_key_env:
         api_key = os.environ.get(FLAGS.api_key_env)
         if not api_key:
-            raise SystemExit(
-                f"error: --api_key_env names {FLAGS.api_key_env}, which is unset or empty"
-            )
+            raise UserError(f"--api_key_env names {FLAGS.api_key_env}, which is unset or empty")
     try:
         check_auth_settings(FLAGS.host, api_key, FLAGS.allow_unauthenticated)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UserError(str(e)) from e
     limits = Limits(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Limits)})
     try:
         generator = ModelGenerator.from_checkpoint(
@@ -44,11 +48,11 @@ def main(argv: Sequence[str], handler_class: type[CompletionHandler] = Completio
             max_batch_size=FLAGS.max_batch_size,
             max_decode_length=limits.max_tokens_limit,
         )
-    except (UserError, OSError) as e:  # a missing, corrupt or mismatched checkpoint
-        raise SystemExit(f"error: {e}") from None
+    except OSError as e:  # a missing or unreadable checkpoint (UserError: a corrupt one)
+        raise UserError(f"--checkpoint: {e}") from e
     if generator.model.vocabulary is None:  # prompts are text: no vocabulary, no request works
-        raise SystemExit(
-            f"error: {FLAGS.checkpoint}: the checkpoint has no vocabulary (spiece.model, or a "
+        raise UserError(
+            f"{FLAGS.checkpoint}: the checkpoint has no vocabulary (spiece.model, or a "
             "tokenizer.json for a HF folder); serve needs one to read prompts"
         )
     if FLAGS.warmup:
@@ -56,19 +60,24 @@ def main(argv: Sequence[str], handler_class: type[CompletionHandler] = Completio
         n = generator.warmup(limits.max_tokens_limit)
         logger.info("warm-up: %d greedy programs compiled in %.1fs", n, time.monotonic() - t0)
     name = FLAGS.model_name or storage.Path(FLAGS.checkpoint).name
-    server = Server(
-        generator,
-        host=FLAGS.host,
-        port=FLAGS.port,
-        model_name=name,
-        batch_window_ms=FLAGS.batch_window_ms,
-        limits=limits,
-        request_log=FLAGS.request_log,
-        api_key=api_key,
-        allow_unauthenticated=FLAGS.allow_unauthenticated,
-        debug_endpoints=FLAGS.debug_endpoints,
-        handler_class=handler_class,
-    )
+    try:
+        server = Server(
+            generator,
+            host=FLAGS.host,
+            port=FLAGS.port,
+            model_name=name,
+            batch_window_ms=FLAGS.batch_window_ms,
+            limits=limits,
+            request_log=FLAGS.request_log,
+            api_key=api_key,
+            allow_unauthenticated=FLAGS.allow_unauthenticated,
+            debug_endpoints=FLAGS.debug_endpoints,
+            handler_class=handler_class,
+        )
+    except OSError as e:
+        if e.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        raise UserError(f"--host {FLAGS.host} --port {FLAGS.port}: {e.strerror}") from e
     # One line that scripts (and tests) wait for before sending requests.
     print(f"serving {name} on {server.base_url}", flush=True)
     server.serve_forever()
@@ -87,6 +96,7 @@ _LIMIT_HELP = {
 
 
 def define_flags() -> None:
+    """The flags of `python -m distill_sbs.serve` (defined by `run`, never at import)."""
     from absl import flags
 
     flags.DEFINE_string("checkpoint", None, "Native checkpoint, MODEL_DIR or HF T5 folder.")
