@@ -19,23 +19,13 @@ import dataclasses
 
 import gin
 
+from distill_sbs.data.methods import TRAINING_METHODS
+
 # Each dataset has gin/paper/<name>.gin; the mixtures <name>_<method> come from distill_sbs.tasks.
 DATASETS = ("cqa", "svamp", "esnli", "anli1")
 
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """A training method; its mixture is <dataset>_<method>."""
-
-    description: str
-
-
-METHODS = {
-    "finetune": Method("standard fine-tuning on gold labels"),
-    "distill": Method("standard distillation on the teacher LLM's labels"),
-    "dss": Method("Distilling Step-by-Step, gold labels + LLM rationales"),
-    "dss_llm": Method("Distilling Step-by-Step, LLM labels + LLM rationales"),
-}
+# The paper's methods: the entries of the method table (data/methods.py) marked in_paper.
+METHODS = tuple(name for name, method in TRAINING_METHODS.items() if method.in_paper)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +61,13 @@ def _check(kind: str, value: str, known) -> None:
 def mixture_name(dataset: str = gin.REQUIRED, method: str = gin.REQUIRED) -> str:
     """The SeqIO mixture of `method` on `dataset`, e.g. cqa_dss.
 
-    Any registered dataset and method is accepted (the miniature runs the paper's configs on the
-    embedded `arith` data, and `cot` too); the paper's own grid is DATASETS x METHODS.
+    Any registered dataset and training method is accepted (the miniature runs the paper's configs
+    on the embedded `arith` data, and `cot` too); the paper's own grid is DATASETS x METHODS.
     """
     from distill_sbs import data
 
     _check("DATASET", dataset, data.registered_datasets())
-    _check("METHOD", method, (*METHODS, *(m for m in data.METHODS if m not in METHODS)))
+    _check("METHOD", method, TRAINING_METHODS)
     return f"{dataset}_{method}"
 
 

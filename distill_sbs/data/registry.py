@@ -3,18 +3,12 @@
     register_dataset("mydata", jsonl={"train": "mydata/train.jsonl", "test": "mydata/test.jsonl"},
                      metric="accuracy", teachers=("gpt",))
 
-registers, for a dataset `<name>` (objective ids are the positions in these lists):
-
-    <name>_finetune      task     label                              (gold label)
-    <name>_distill       task     label                              (teacher label on train)
-    <name>_dss           mixture  label "[label] ", rationale "[rationale] "          (gold labels)
-    <name>_dss_llm       mixture  the same with teacher labels on train
-    <name>_cot           task     cot: "<rationale> So the answer is <label>." (every sample)
-    <name>_multiteacher  mixture  label "[label] ", rationale:<t> "[rationale:<t>] " per teacher
-
-The sub-tasks of a mixture are `<mixture>_label`, `<mixture>_rationale`, `<mixture>_rationale_<t>`.
-Evaluation splits always hold gold labels; the label (and cot) tasks carry the dataset's metric.
-Registration reads no file: records are loaded, subsampled and cached when a dataset is built.
+registers `<name>_<method>` for every training method of data/methods.py (finetune, distill,
+dss, dss_llm, cot, multiteacher; the table says what objectives each trains on): a task for a
+method of one objective, else a mixture whose sub-tasks are `<mixture>_<objective>` (non-word
+characters as "_": `<mixture>_rationale_<t>`). Evaluation splits always hold gold labels; the
+method's scored objective (label or cot) carries the dataset's metric. Registration reads no
+file: records are loaded, subsampled and cached when a dataset is built.
 """
 
 from __future__ import annotations
@@ -31,15 +25,10 @@ import seqio
 import tensorflow as tf
 
 from distill_sbs import metrics
-from distill_sbs.data import dss, options, preprocessors, topk
+from distill_sbs.data import dss, methods, options, preprocessors, topk
 from distill_sbs.data.feature_converter import OBJECTIVE_FEATURE, ObjectiveEncDecFeatureConverter
 from distill_sbs.data.records import Record, RecordError, read_jsonl
 from distill_sbs.parsing import parse_chain_of_thought
-
-METHODS = ("finetune", "distill", "dss", "dss_llm", "cot", "multiteacher")
-_MIXTURE_METHODS = ("dss", "dss_llm", "multiteacher")
-_TEACHER_LABEL_METHODS = ("distill", "dss_llm")  # train on the teacher's label instead of gold
-_PREFIXED_METHODS = ("dss", "dss_llm", "multiteacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +44,7 @@ class DatasetSpec:
     splits: tuple[str, ...]
     metric: str
     vocabulary: seqio.Vocabulary
-    teachers: tuple[str, ...]  # the first one is used by dss, dss_llm, distill and cot
+    teachers: tuple[str, ...]  # the first one serves the objectives not per teacher
     eval_split: str
 
 
@@ -73,28 +62,9 @@ def _slug(text: str) -> str:
     return re.sub(r"\W", "_", text)
 
 
-def objective_names(dataset: str, method: str) -> list[str]:
-    spec = _DATASETS[dataset]
-    if method in ("finetune", "distill"):
-        return ["label"]
-    if method == "cot":
-        return ["cot"]
-    if method in ("dss", "dss_llm"):
-        return ["label", "rationale"]
-    if method == "multiteacher":
-        return ["label"] + [f"rationale:{t}" for t in spec.teachers]
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-
-
-def _weight(method: str, objective: str, opts: options.DatasetOptions) -> float:
-    if method in ("dss", "dss_llm"):
-        return opts.dss_alpha if objective == "label" else 1.0 - opts.dss_alpha
-    if method == "multiteacher":
-        if objective == "label":
-            return opts.label_weight
-        teacher = objective.split(":", 1)[1]
-        return float((opts.teacher_weights or {}).get(teacher, opts.teacher_weight))
-    return 1.0
+def objectives(dataset: str, method: str) -> list[methods.ObjectiveSpec]:
+    """The objectives of a training method on a registered dataset, in objective-id order."""
+    return methods.get_training_method(method).bind(_DATASETS[dataset].teachers)
 
 
 def get_objectives(mixture_or_task_name: str) -> list[Objective]:
@@ -109,7 +79,7 @@ def get_objectives(mixture_or_task_name: str) -> list[Objective]:
         )
     dataset, method = _NAMES[mixture_or_task_name]
     opts = options.get_options()
-    return [Objective(n, _weight(method, n, opts)) for n in objective_names(dataset, method)]
+    return [Objective(o.name, o.weight.value(opts, o.teacher)) for o in objectives(dataset, method)]
 
 
 def dataset_and_method(mixture_or_task_name: str) -> tuple[str, str]:
@@ -196,52 +166,18 @@ def _records(spec: DatasetSpec, split: str, subsample: bool = True) -> list[Reco
 
 
 def build_examples(dataset: str, method: str, objective_id: int, split: str) -> list[dict]:
-    """The text examples of one objective of one method on one split (see preprocessors)."""
+    """The text examples of one objective of one method on one split (its target's builder)."""
     spec = _DATASETS[dataset]
-    name = objective_names(dataset, method)[objective_id]
-    records = _records(spec, split)
-    where = f"{dataset}_{method}[{name}]/{split}"
-    train = split == "train"
-    if name == "label":
-        return preprocessors.label_examples(
-            records,
-            objective_id=objective_id,
-            prefix=preprocessors.LABEL_PREFIX if method in _PREFIXED_METHODS else "",
-            teacher=spec.teachers[0] if train and method in _TEACHER_LABEL_METHODS else None,
-            where=where,
-        )
-    if name == "rationale":
-        return preprocessors.rationale_examples(
-            records,
-            teacher=spec.teachers[0],
-            objective_id=objective_id,
-            prefix=preprocessors.RATIONALE_PREFIX,
-            where=where,
-        )
-    if name.startswith("rationale:"):
-        teacher = name.split(":", 1)[1]
-        return preprocessors.rationale_examples(
-            records,
-            teacher=teacher,
-            objective_id=objective_id,
-            prefix=preprocessors.teacher_prefix(teacher),
-            where=where,
-        )
-    if name == "cot":
-        if not train:  # evaluation compares the generated answer with the gold label
-            return preprocessors.gold_label_examples(
-                records, objective_id=objective_id, where=where
-            )
-        examples, _ = preprocessors.cot_examples(
-            records,
-            teachers=spec.teachers[:1],
-            objective_id=objective_id,
-            filter_correct=options.get_options().cot_filter_correct,
-            match=metrics.METRICS[spec.metric].match,
-            where=where,
-        )
-        return examples
-    raise ValueError(f"unknown objective {name!r}")
+    objective = objectives(dataset, method)[objective_id]
+    context = methods.BuildContext(
+        objective_id=objective_id,
+        prefix=objective.prefix,
+        teacher=objective.teacher,
+        train=split == "train",
+        match=metrics.METRICS[spec.metric].match,
+        where=f"{dataset}_{method}[{objective.name}]/{split}",
+    )
+    return objective.target.build(_records(spec, split), context)
 
 
 def _to_tf(examples: Sequence[dict]) -> tf.data.Dataset:
@@ -267,7 +203,7 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, key
     del shuffle_files, seed  # in-memory examples; seqio's Task shuffles them with its seed
     dataset, method, objective_id = key
     examples = build_examples(dataset, method, objective_id, split)
-    name = objective_names(dataset, method)[objective_id]
+    name = objectives(dataset, method)[objective_id].name
     if not examples:  # an empty source would make a repeated mixture spin forever
         raise ValueError(
             f"{dataset}_{method}: objective {name!r} has no examples on split {split!r}"
@@ -349,9 +285,14 @@ def _mixing_rate(objective: str, task: seqio.Task) -> float:
     return float(rates.get(objective, 1.0))
 
 
-def _register_task(spec: DatasetSpec, task_name: str, method: str, objective_id: int) -> None:
-    objective = objective_names(spec.name, method)[objective_id]
-    scored = objective in ("label", "cot")
+def _register_task(
+    spec: DatasetSpec,
+    task_name: str,
+    method: str,
+    objective_id: int,
+    objective: methods.ObjectiveSpec,
+) -> None:
+    target = objective.target
     seqio.TaskRegistry.add(
         task_name,
         source=seqio.FunctionDataSource(
@@ -360,11 +301,61 @@ def _register_task(spec: DatasetSpec, task_name: str, method: str, objective_id:
         ),
         preprocessors=[truncate_text, tokenize_text, seqio.preprocessors.append_eos_after_trim],
         output_features=_output_features(spec.vocabulary),
-        postprocess_fn=postprocess_cot if objective == "cot" else postprocess_label,
-        metric_fns=[metrics.METRICS[spec.metric].metric_fn] if scored else [],
+        postprocess_fn=postprocess_cot if target.chain_of_thought else postprocess_label,
+        metric_fns=[metrics.METRICS[spec.metric].metric_fn] if target.scored else [],
         shuffle_buffer_size=10_000,
     )
     _NAMES[task_name] = (spec.name, method)
+
+
+def _method_names(spec: DatasetSpec, method: methods.TrainingMethod) -> list[str]:
+    """The mixture or task name of `method` on the dataset, then its sub-task names."""
+    name = f"{spec.name}_{method.name}"
+    if not method.mixture:
+        return [name]
+    return [name] + [f"{name}_{_slug(o.name)}" for o in method.bind(spec.teachers)]
+
+
+def _register_method(spec: DatasetSpec, method: methods.TrainingMethod) -> str:
+    """Registers `<dataset>_<method>` (replacing what was registered under its names)."""
+    names = _method_names(spec, method)
+    for n in names:
+        _remove(n)
+    if not method.mixture:
+        _register_task(spec, names[0], method.name, 0, method.bind(spec.teachers)[0])
+        return names[0]
+    sub_tasks = []
+    for objective_id, (task_name, objective) in enumerate(
+        zip(names[1:], method.bind(spec.teachers), strict=True)
+    ):
+        _register_task(spec, task_name, method.name, objective_id, objective)
+        sub_tasks.append((task_name, functools.partial(_mixing_rate, objective.name)))
+    seqio.MixtureRegistry.add(names[0], sub_tasks)
+    _NAMES[names[0]] = (spec.name, method.name)
+    return names[0]
+
+
+def register_training_method(
+    method: methods.TrainingMethod, *, overwrite: bool = False
+) -> list[str]:
+    """Adds a training method to the table (data/methods.py) and registers it for every dataset
+    registered so far (datasets registered later get it too); returns the registered names."""
+    if method.name in methods.TRAINING_METHODS:
+        if not overwrite:
+            raise ValueError(f"training method {method.name!r} is already in the table")
+        remove_training_method(method.name)
+    methods.TRAINING_METHODS[method.name] = method
+    return [_register_method(spec, method) for spec in _DATASETS.values()]
+
+
+def remove_training_method(name: str) -> None:
+    """Takes a training method out of the table and its tasks and mixtures out of SeqIO."""
+    method = methods.get_training_method(name)
+    for spec in _DATASETS.values():
+        for n in _method_names(spec, method):
+            _remove(n)
+            _NAMES.pop(n, None)
+    del methods.TRAINING_METHODS[name]
 
 
 def _remove(name: str) -> None:
@@ -466,25 +457,7 @@ def register_dataset(
     for key in [k for k in _CACHE if k[0] == name]:
         del _CACHE[key]
 
-    registered = []
-    for method in METHODS:
-        method_name = f"{name}_{method}"
-        names = objective_names(name, method)
-        if overwrite:
-            for n in [method_name] + [f"{method_name}_{_slug(o)}" for o in names]:
-                _remove(n)
-        if method not in _MIXTURE_METHODS:
-            _register_task(spec, method_name, method, 0)
-        else:
-            sub_tasks = []
-            for objective_id, objective in enumerate(names):
-                task_name = f"{method_name}_{_slug(objective)}"
-                _register_task(spec, task_name, method, objective_id)
-                sub_tasks.append((task_name, functools.partial(_mixing_rate, objective)))
-            seqio.MixtureRegistry.add(method_name, sub_tasks)
-            _NAMES[method_name] = (name, method)
-        registered.append(method_name)
-    return registered
+    return [_register_method(spec, method) for method in methods.TRAINING_METHODS.values()]
 
 
 def get_dataset(
