@@ -37,6 +37,7 @@ LAYERS: list[set[str]] = [
         "data.arith",
         "data.dss",
         "data.preprocessors",
+        "data.methods",
         "data.topk",
     },
     # 2: the model and its conversion
