@@ -321,7 +321,10 @@ def read_config(path: str) -> T5Config:
         from distill_sbs import convert
 
         return convert.read_hf_config(path)
-    from distill_sbs import checkpoints
+    from distill_sbs import checkpoints, t5x_checkpoint
+
+    if t5x_checkpoint.is_t5x_checkpoint(path):
+        return t5x_checkpoint.read_config(t5x_checkpoint.open_checkpoint(path))
 
     root = storage.Path(storage.resolve(path))
     described = str(root.parent) if checkpoints.is_step_dir(root) else str(root)
@@ -331,20 +334,25 @@ def read_config(path: str) -> T5Config:
 def load(
     path: str, *, dtype: str | None = None, abstract_params: Any = None
 ) -> tuple[EncoderDecoderModel, Any]:
-    """(model, params) from a native checkpoint dir, MODEL_DIR, step dir or HF T5 folder, local
-    or remote (gs://...).
+    """(model, params) from a native checkpoint dir, MODEL_DIR, step dir, HF T5 folder or T5X
+    checkpoint (t5x_checkpoint.py), local or remote (gs://...).
 
     dtype overrides the activation dtype ("float32" or "bfloat16"); parameters stay float32.
     abstract_params (jax.ShapeDtypeStructs with shardings) restores each parameter straight into
     its sharding instead of whole on the host: a host reads only its devices' part (orbax for
     native checkpoints, slices of HF safetensors; HF pytorch_model.bin is read whole).
     """
+    from distill_sbs import t5x_checkpoint
+
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint directory")
     if is_hf_folder(path):
         from distill_sbs import convert
 
         config, params, vocab_file = convert.load_hf_folder(path, abstract_params)
+        extra_ids = 100
+    elif t5x_checkpoint.is_t5x_checkpoint(path):
+        config, params, vocab_file = t5x_checkpoint.load(path, abstract_params)
         extra_ids = 100
     else:
         from distill_sbs import checkpoints
