@@ -43,6 +43,19 @@ def tiny_model(checkpoint):
     return distill_sbs.load(checkpoint)
 
 
+def _greedy(model, params, prompt: str, max_tokens: int) -> list[int]:
+    """The oracle of a temperature-0 answer: the argmax of the model's teacher-forced logits, one
+    token at a time, until EOS (id 1, not returned) or max_tokens."""
+    enc = model.encode_texts([prompt], 32)
+    ids: list[int] = []
+    while len(ids) < max_tokens:
+        logits = np.asarray(model.logits(params, enc, np.array([[0, *ids]], np.int32)))[0, -1]
+        if int(logits.argmax()) == 1:
+            break
+        ids.append(int(logits.argmax()))
+    return ids
+
+
 def test_models(client):
     assert [m.id for m in client.models.list()] == ["tiny"]
     assert client.models.retrieve("tiny").id == "tiny"
@@ -103,11 +116,15 @@ def test_echo_and_stop(client):
         assert cut.usage.completion_tokens < r.usage.completion_tokens
 
 
-def test_chat_streamed_and_not(client):
-    msgs = [{"role": "user", "content": "2 + 2 ="}]
+def test_chat_streamed_and_not(client, tiny_model):
+    msgs = [{"role": "user", "content": "2 + 2 ="}]  # one message: its content is the input
     r = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=3,
                                        temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
-    assert r.usage.completion_tokens <= 3
+    model, params = tiny_model
+    want = _greedy(model, params, "2 + 2 =", 3)
+    assert r.usage.completion_tokens == len(want)
+    assert r.choices[0].message.content == model.decode_tokens([want])[0]
+    assert r.choices[0].finish_reason == ("length" if len(want) == 3 else "stop")
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
@@ -142,7 +159,7 @@ def test_refuses_to_start_unsafely(checkpoint, subprocess_env):
 
 
 @pytest.mark.slow  # a second model process (about 20 s); test_serve_robust covers auth off
-def test_auth_off_on_loopback(checkpoint, subprocess_env):
+def test_auth_off_on_loopback(checkpoint, subprocess_env, tiny_model):
     cmd = [
         sys.executable, "-m", "distill_sbs.serve", "--checkpoint", checkpoint, "--port", "0",
         "--max_batch_size", "1", "--max_input_length", "16", "--max_tokens_limit", "4",
@@ -152,7 +169,12 @@ def test_auth_off_on_loopback(checkpoint, subprocess_env):
         anyone = openai.OpenAI(base_url=base_url, api_key="anything", max_retries=0, timeout=120)
         r = anyone.completions.create(model=os.path.basename(checkpoint), prompt="1 =",
                                       max_tokens=4, temperature=0)  # fmt: skip
-        assert r.usage.completion_tokens <= 4
+        # Any key is let in, and the answer is the model's: greedy, cut at the 4-token limit.
+        model, params = tiny_model
+        want = _greedy(model, params, "1 =", 4)
+        assert len(want) == 4  # the seed-0 model does not end this answer early: "length"
+        assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+        assert r.choices[0].text == model.decode_tokens([want])[0]
     finally:
         proc.terminate()
         proc.wait(timeout=20)

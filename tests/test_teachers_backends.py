@@ -106,22 +106,42 @@ def test_concurrency_limit_holds():
 
 
 def test_requests_per_minute_limit():
+    """5 requests at 600/min from 4 threads under a clock frozen at t=100: each takes the next
+    slot 0.1 s after the last, so the backend asks to wait 0.1, 0.2, 0.3 and 0.4 s."""
+    sleeps: list[float] = []
     with Server(FakeGenerator(), model_name="tiny") as s:
-        backend = OpenAIBackend(
-            HTTPConfig(s.base_url, "tiny", max_concurrency=4, requests_per_minute=600)
-        )
-        t0 = time.monotonic()
-        _run(backend, _reqs(5))
-        elapsed = time.monotonic() - t0
-    assert elapsed >= 0.4  # 5 requests, 0.1 s apart
+        cfg = HTTPConfig(s.base_url, "tiny", max_concurrency=4, requests_per_minute=600)
+        backend = OpenAIBackend(cfg, sleep=sleeps.append, clock=lambda: 100.0)
+        results = _run(backend, _reqs(5))
+    assert len(results) == 5 and backend.stats.attempts == 5 and backend.stats.retries == 0
+    assert sorted(sleeps) == pytest.approx([0.1, 0.2, 0.3, 0.4])
 
 
-def test_rate_limiter_off_is_free():
-    limiter = RateLimiter(None)
-    t0 = time.monotonic()
+def test_rate_limiter_spaces_calls_and_never_bursts():
+    now, waits = [0.0], []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    limiter = RateLimiter(120, clock=lambda: now[0], sleep=sleep)  # 0.5 s apart
+    for _ in range(3):
+        limiter.acquire()
+    assert waits == pytest.approx([0.5, 0.5]) and now[0] == pytest.approx(1.0)
+    now[0] += 10.0  # idle: the next call goes at once...
+    limiter.acquire()
+    assert len(waits) == 2
+    limiter.acquire()  # ...but the idle time is not saved up for a burst
+    assert waits[2:] == pytest.approx([0.5])
+
+
+def test_rate_limiter_off_never_waits():
+    def never(*_: float) -> float:
+        raise AssertionError("a limiter without requests_per_minute read the clock or slept")
+
+    limiter = RateLimiter(None, clock=never, sleep=never)
     for _ in range(1000):
         limiter.acquire()
-    assert time.monotonic() - t0 < 0.1
 
 
 def test_parse_retry_after():
@@ -164,11 +184,15 @@ def test_retry_after_and_total_backoff_are_capped():
 
 
 def test_timeout_bounds_the_whole_answer_not_each_read():
-    """A server that answers at once but drips its body for 5 s: given up after --timeout."""
+    """A server that answers at once but drips its body a byte per 0.1 s (each read well within
+    the 1 s timeout): with a clock that moves 0.3 s per reading, the attempt's deadline passes
+    at the 4th piece of body, and the client gives up before the server has sent it all."""
+    import itertools
     import socket
     import threading
 
     listener = socket.create_server(("127.0.0.1", 0))
+    sent_all = threading.Event()
 
     def drip() -> None:
         conn, _ = listener.accept()
@@ -181,14 +205,19 @@ def test_timeout_bounds_the_whole_answer_not_each_read():
             except OSError:
                 break
             time.sleep(0.1)
+        else:
+            sent_all.set()
         conn.close()
 
     threading.Thread(target=drip, daemon=True).start()
     url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
-    backend = OpenAIBackend(HTTPConfig(url, "m", timeout=1.0, max_retries=0))
-    t0 = time.monotonic()
+    ticks = itertools.count(0.0, 0.3)
+    backend = OpenAIBackend(
+        HTTPConfig(url, "m", timeout=1.0, max_retries=0), clock=lambda: next(ticks)
+    )
     res = _run(backend, _reqs(1))
-    assert time.monotonic() - t0 < 2.5
+    assert not sent_all.is_set()
+    assert next(ticks) == pytest.approx(1.5)  # read at 0 (deadline 1.0), 0.3, 0.6, 0.9, 1.2
     assert isinstance(res["k0"], RequestFailed) and "no full answer within 1.0s" in str(res["k0"])
     listener.close()
 

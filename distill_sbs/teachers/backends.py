@@ -88,23 +88,34 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+Clock = Callable[[], float]  # monotonic seconds (time.monotonic; tests pass a fake)
+Sleep = Callable[[float], None]
+
+
 class RateLimiter:
     """Spaces calls at least 60/rpm seconds apart across threads (no bursts)."""
 
-    def __init__(self, requests_per_minute: float | None):
+    def __init__(
+        self,
+        requests_per_minute: float | None,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = time.sleep,
+    ):
         self._interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self._next = 0.0
         self._lock = threading.Lock()
+        self._clock, self._sleep = clock, sleep
 
     def acquire(self) -> None:
         if not self._interval:
             return
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             slot = max(now, self._next)
             self._next = slot + self._interval
         if slot > now:
-            time.sleep(slot - now)
+            self._sleep(slot - now)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -171,7 +182,11 @@ class HTTPConfig:
 class OpenAIBackend:
     """Client of an OpenAI-compatible /completions or /chat/completions endpoint."""
 
-    def __init__(self, config: HTTPConfig, *, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self, config: HTTPConfig, *, sleep: Sleep = time.sleep, clock: Clock = time.monotonic
+    ):
+        """sleep: every wait (retries, the rate limit); clock: the rate limit's and each
+        attempt's deadline's time. Tests pass fakes to check waits without waiting."""
         self.config = config
         self.stats = BackendStats()
         self._api_key = ""
@@ -182,11 +197,11 @@ class OpenAIBackend:
                     f"environment variable {config.api_key_env} (named by api_key_env) is not set"
                 )
             self._api_key = key
-        self._limiter = RateLimiter(config.requests_per_minute)
+        self._limiter = RateLimiter(config.requests_per_minute, clock=clock, sleep=sleep)
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
-        self._sleep = sleep
+        self._sleep, self._clock = sleep, clock
         base = config.base_url.rstrip("/")
         self._url = base + ("/chat/completions" if config.api == "chat" else "/completions")
 
@@ -230,7 +245,7 @@ class OpenAIBackend:
     def _read(self, req: TeacherRequest) -> tuple[int, Any, bytes]:
         """(status, headers, body) of one POST, all of it within `timeout` seconds."""
         timeout = self.config.timeout
-        deadline = time.monotonic() + timeout
+        deadline = self._clock() + timeout
         too_slow = _Retryable("timeout", f"no full answer within {timeout}s")
         try:
             resp = self._session().post(
@@ -244,9 +259,9 @@ class OpenAIBackend:
                     if size > self.config.max_response_bytes:
                         raise _Retryable("malformed", "response body too large")
                     chunks.append(chunk)
-                    if time.monotonic() > deadline:  # a body dripped slowly: give up
+                    if self._clock() > deadline:  # a body dripped slowly: give up
                         raise too_slow
-                if time.monotonic() > deadline:
+                if self._clock() > deadline:
                     raise too_slow
                 return resp.status_code, resp.headers, b"".join(chunks)
         except (requests.Timeout, urllib3.exceptions.TimeoutError):
