@@ -9,11 +9,14 @@ rows and lengths up to powers of two), counting prompt and completion tokens, an
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 def token_text(tokenizer: Any, t: int) -> str:
@@ -165,6 +168,16 @@ class TextTracker:
         return len(self.ids)
 
 
+@dataclasses.dataclass
+class _Stream:
+    """One streamed generate call's state, read by the decoder's host callback."""
+
+    on_token: OnToken
+    trackers: list[TextTracker]
+    max_tokens: int
+    error: BaseException | None = None  # what the callback raised (re-raised after the decode)
+
+
 def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
     """The smallest power of two >= max(n, minimum), capped at maximum."""
     b = max(1, minimum)
@@ -191,7 +204,9 @@ class ModelGenerator:
         self.max_batch_size = max_batch_size
         self.max_decode_length = max_decode_length
         self._lock = threading.Lock()  # one generate at a time (the device is shared)
-        self._streaming: Any = None  # (on_token, trackers, max_tokens) of the running stream
+        # The running stream: set and cleared under _lock, and cleared only once the decode that
+        # calls back into it has finished (see _run).
+        self._streaming: _Stream | None = None
         self._step_callback = self._on_step  # the same bound method each call: one jit key
 
     def warmup(self, max_tokens: int) -> int:
@@ -279,21 +294,47 @@ class ModelGenerator:
             )
         if logprobs or on_token is not None:
             kwargs["logprobs_top_k"] = TOP_LOGPROBS_MAX
+        stream = None
         if on_token is not None:
-            self._streaming = (on_token, trackers, params.max_tokens)
+            stream = _Stream(on_token, trackers, params.max_tokens)
             kwargs["step_callback"] = self._step_callback  # one callable: one compiled program
+        self._streaming = stream
         try:
             result = self.model.generate(self.params, batch, **kwargs)
+            # JAX dispatches asynchronously: generate can return while the decoder still calls
+            # _on_step, so the stream stays set until the outputs exist (every step's callback
+            # feeds the loop's state, so they have all returned by then).
+            jax.block_until_ready(result)
         finally:
             self._streaming = None
+        if stream is not None and stream.error is not None:
+            raise stream.error
         if "logprobs_top_k" not in kwargs:
             return np.asarray(result), None
         ids, *lp = (np.asarray(x) for x in result)
         return ids, lp
 
     def _on_step(self, i, ids, token_lp, top_ids, top_lp, done):  # noqa: ANN001, ANN202
-        """The decoder's host callback while streaming: feeds each live row's tracker."""
-        on_token, trackers, max_tokens = self._streaming
+        """The decoder's host callback while streaming: feeds each live row's tracker.
+
+        It never raises: an exception in an ordered host callback poisons JAX's effect token,
+        failing every later decode of the process. A failure stops all rows and is raised by
+        _run once the decode is over."""
+        stream = self._streaming
+        try:
+            assert stream is not None, "a decoding step outlived its generate call"
+            if stream.error is not None:
+                return np.zeros(np.shape(ids), bool)
+            return self._feed(stream, ids, token_lp, top_ids, top_lp)
+        except Exception as e:  # noqa: BLE001 - re-raised by _run, after the decode
+            if stream is not None:
+                stream.error = e
+            logger.exception("streaming step %s failed", int(i))
+            return np.zeros(np.shape(ids), bool)
+
+    def _feed(self, stream: _Stream, ids, token_lp, top_ids, top_lp) -> np.ndarray:  # noqa: ANN001
+        """keep bool [rows]: adds each live row's token to its tracker and streams it."""
+        on_token, trackers, max_tokens = stream.on_token, stream.trackers, stream.max_tokens
         ids, token_lp, top_ids, top_lp = (np.asarray(x) for x in (ids, token_lp, top_ids, top_lp))
         keep = np.zeros(ids.shape, bool)  # padding rows stop at once
         lp = (token_lp[:, None], top_ids[:, None], top_lp[:, None])

@@ -184,3 +184,34 @@ def test_no_key_on_a_reachable_address_is_refused(host):
     check_auth_settings(host, None, True)
     check_auth_settings("127.0.0.1", None, False)
     check_auth_settings("::1", None, False)
+
+
+def test_a_generation_failure_is_a_500_without_its_traceback(caplog):
+    """Issue 21: the body said "generation failed: JaxRuntimeError: ... Traceback ... File
+    ".../distill_sbs/generation.py" ..."; now a stable message and a request id, whose log line
+    holds the details."""
+    secret = 'Traceback (most recent call last):\n  File "/srv/secret/generation.py", line 9'
+
+    def respond(prompt, params, seed):
+        raise RuntimeError(secret)
+
+    with Server(FakeGenerator(respond)) as s:
+        url = s.base_url + "/completions"
+        for stream in (False, True):
+            r = requests.post(url, json={"prompt": "q", "stream": stream}, timeout=10)
+            if stream:  # the stream had started: the error comes in-band, then the body ends
+                assert r.status_code == 200
+                line = next(ln for ln in r.text.splitlines() if "error" in ln)
+                error = json.loads(line.removeprefix("data: "))["error"]
+            else:
+                assert r.status_code == 500
+                error = r.json()["error"]
+                assert r.headers["x-request-id"] in error["message"]
+            assert error["type"] == "server_error" and error["code"] == "internal_error"
+            assert error["message"].startswith("generation failed (request id req_")
+            for leak in ("Traceback", "/srv/secret", "RuntimeError", "line 9", ".py"):
+                assert leak not in r.text, (stream, leak)
+            rid = error["message"].split("request id ")[1].split(":")[0]
+            logged = [rec for rec in caplog.records if rid in rec.getMessage()]
+            assert logged and secret in str(logged[0].exc_info[1])  # the details, server-side
+        _alive(s)

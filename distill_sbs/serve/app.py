@@ -29,6 +29,7 @@ from distill_sbs.serve.protocol import (
     CompletionRequest,
     completion_response,
     parse_request,
+    server_error,
     stream_chunks,
 )
 
@@ -157,16 +158,15 @@ class CompletionHandler:
             assert isinstance(exc, APIError)
             return exc.response()
 
-        async def server_error(request: Request, exc: Exception) -> Response:
-            logger.exception("unhandled error", exc_info=exc)
-            return APIError(500, "internal server error", type="server_error").response()
+        async def unhandled(request: Request, exc: Exception) -> Response:
+            return server_error(exc, "internal server error").response()
 
         return Starlette(
             routes=self.routes(),
             exception_handlers={
                 HTTPException: http_error,
                 APIError: api_error,
-                Exception: server_error,
+                Exception: unhandled,
             },
         )
 
@@ -376,7 +376,5 @@ class CompletionHandler:
             raise APIError(499, "the client went away", code="client_disconnected")
         try:
             return result.result()
-        except Exception as e:  # noqa: BLE001 - the client gets the reason
-            raise APIError(
-                500, f"generation failed: {type(e).__name__}: {e}", type="server_error"
-            ) from None
+        except Exception as e:  # noqa: BLE001 - logged under the answer's request id
+            raise server_error(e, "generation failed") from None

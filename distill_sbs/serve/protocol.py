@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -26,6 +27,8 @@ from starlette.responses import JSONResponse
 
 from distill_sbs.generation import TOP_LOGPROBS_MAX, GeneratedText, GenerationParams, Token
 from distill_sbs.serve.engine import Job
+
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -54,6 +57,20 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         body = {"message": self.message, "type": self.type, "code": self.code, "param": self.param}
         return JSONResponse({"error": body}, self.status, headers=self.headers)
+
+
+def server_error(exc: BaseException, what: str) -> APIError:
+    """The 500 answer for a failure inside the server: a stable message and a request id, never
+    the exception's text, a traceback or a path (they go to the server's log under that id)."""
+    rid = "req_" + uuid.uuid4().hex[:24]
+    logger.error("%s: %s", rid, what, exc_info=exc)
+    return APIError(
+        500,
+        f"{what} (request id {rid}: the server's log has the details)",
+        type="server_error",
+        code="internal_error",
+        headers={"x-request-id": rid},
+    )
 
 
 class BadRequest(APIError):
@@ -389,7 +406,8 @@ async def stream_chunks(
         try:
             outs = job.future.result()
         except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
-            err = {"message": f"generation failed: {type(e).__name__}", "type": "server_error"}
+            error = server_error(e, "generation failed")
+            err = {"message": error.message, "type": error.type, "code": error.code}
             yield b"data: " + json.dumps({"error": err}).encode() + b"\n\n"
             return
         for i, o in enumerate(outs):
