@@ -12,7 +12,7 @@ any other NAME is a gin macro of the files (METHOD, TRAIN_FRACTION, SEED, LEARNI
 `configurable.parameter`, bound to each value (a Python literal, else a string); a linked axis
 NAME1+NAME2=a1:b1,a2:b2 moves names together (model+PRETRAINED_DIR=t5_1_1_base:/ckpt/base,...). The
 grid is the product of the axes, in the order given. Each run trains in OUT/runs/<axis=value,...>/
-with `distill_sbs.training.train`, which keeps the checkpoint with the best `train.best_metric` on
+with `distill_sbs.train.train`, which keeps the checkpoint with the best `train.best_metric` on
 `train.eval_split` (the validation split: paper/base.gin carves one from train where a dataset has
 none) in MODEL_DIR/best/; that checkpoint is then scored on the test split and the scores are
 written to MODEL_DIR/sweep_result.json. Rerunning the same command skips finished runs and resumes
@@ -272,7 +272,8 @@ def check_run_dir(run_dir: epath.Path, run: RunSpec) -> None:
 def execute(run: RunSpec, run_plan: RunPlan, run_dir: epath.Path, test_split: str) -> dict:
     """Trains (or resumes) one run, scores its best checkpoint on `test_split`, writes RESULT."""
     import distill_sbs
-    from distill_sbs import evaluation, training
+    from distill_sbs import eval as evaluation
+    from distill_sbs import train as training
 
     started = time.time()
     (run_dir).mkdir(parents=True, exist_ok=True)

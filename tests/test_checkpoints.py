@@ -70,7 +70,7 @@ def test_restore_mismatch_names_the_checkpoint(tmp_path):
 def test_initial_checkpoint_native_and_hf_folder(tmp_path):
     from distill_sbs.convert import native_to_hf
     from distill_sbs.models import EncoderDecoderModel
-    from distill_sbs.training import load_initial_params
+    from distill_sbs.train import load_initial_params
 
     params = _params(5)
     native = str(tmp_path / "native")

@@ -73,7 +73,7 @@ def test_peak_comes_from_the_device_kind_table_or_is_measured():
 
 
 def test_log_line_and_metrics_file_carry_tokens_per_s_and_mfu(tmp_path, capsys):
-    from distill_sbs.training import _ReportProgress, create_writers, log_train
+    from distill_sbs.train import _ReportProgress, create_writers, log_train
 
     batch = {
         "encoder_segment_ids": np.array([[1, 1, 2, 2]]),

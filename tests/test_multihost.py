@@ -245,7 +245,7 @@ def test_cluster_settings_are_checked():
 
 def test_a_process_count_that_does_not_divide_the_batch_is_refused(monkeypatch, tmp_path):
     """3 processes, BATCH_SIZE=4: refused before anything is written to MODEL_DIR."""
-    from distill_sbs import training
+    from distill_sbs import train as training
 
     fields = {f.name: None for f in dataclasses.fields(training.TrainConfig)}
     cfg = training.TrainConfig(**{**fields, "batch_size": 4, "model_dir": str(tmp_path / "m")})

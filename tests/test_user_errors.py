@@ -110,7 +110,7 @@ def test_checkpoint_vocabulary_must_match_the_task(t5_vocab):
     import distill_sbs.tasks  # noqa: F401
 
     from distill_sbs.data import arith_vocabulary
-    from distill_sbs.evaluation import check_vocabulary
+    from distill_sbs.eval import check_vocabulary
     from distill_sbs.models import EncoderDecoderModel
 
     small = EncoderDecoderModel(TINY, arith_vocabulary())
@@ -203,7 +203,7 @@ def test_long_record_is_cut_before_tokenising_with_the_same_tokens():
 def _train(model_dir, **kw):
     import distill_sbs.tasks  # noqa: F401
 
-    from distill_sbs.training import train
+    from distill_sbs.train import train
 
     gin.bind_parameter("create_optimizer.name", "adamw")
     args = dict(
@@ -271,7 +271,7 @@ def test_misspelled_best_metric_is_an_error_at_the_first_eval(tmp_path):
 
 
 def test_infer_checks_output_file_before_loading_or_generating(tmp_path):
-    from distill_sbs.inference import infer
+    from distill_sbs.infer import infer
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_infer_input_file_with_rationale(checkpoint, tmp_path):
-    from distill_sbs.inference import infer
+    from distill_sbs.infer import infer
 
     inputs = tmp_path / "in.jsonl"
     inputs.write_text('{"input": "Ann has 2 pens.", "id": "a"}\n\n{"input": "Ben has 3 pens."}\n')
@@ -48,7 +48,7 @@ def test_infer_input_file_with_rationale(checkpoint, tmp_path):
 
 
 def test_infer_bad_input_line_names_file_and_line(tmp_path):
-    from distill_sbs.inference import read_inputs
+    from distill_sbs.infer import read_inputs
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "ok"}\n{"text": "no input"}\n')
@@ -59,8 +59,8 @@ def test_infer_bad_input_line_names_file_and_line(tmp_path):
 def test_eval_and_task_infer(checkpoint, tmp_path):
     import distill_sbs.tasks  # noqa: F401
 
-    from distill_sbs.evaluation import evaluate
-    from distill_sbs.inference import infer
+    from distill_sbs.eval import evaluate
+    from distill_sbs.infer import infer
 
     metrics = evaluate(
         checkpoint_path=checkpoint,

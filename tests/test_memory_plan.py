@@ -15,7 +15,7 @@ import optax
 import pytest
 from _tiny_t5 import tiny_config
 
-from distill_sbs import memory
+from distill_sbs import memory_plan as memory
 from distill_sbs.models import EncoderDecoderModel
 from distill_sbs.partitioning import Partitioner, create_mesh
 from distill_sbs.trainer import Trainer

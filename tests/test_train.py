@@ -1,8 +1,11 @@
-"""The training loop in-process on the embedded arithmetic data: loss falls, a stopped run resumes
-to the same losses, TensorBoard events and the model description are written."""
+"""The training loop (distill_sbs.train) in-process on the embedded arithmetic data: loss falls, a
+stopped run resumes to the same losses, TensorBoard events and the model description are written;
+metric writing through clu: train summaries go to TensorBoard and to train_metrics.jsonl,
+progress (steps/s) to TensorBoard only, eval metrics to TensorBoard eval/."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -27,7 +30,7 @@ def _adamw():
 def _train(model_dir, **kw):
     import distill_sbs.tasks  # noqa: F401
 
-    from distill_sbs.training import train
+    from distill_sbs.train import train
 
     args = dict(
         model_dir=model_dir,
@@ -123,3 +126,33 @@ def test_stopped_run_resumes_identically(tmp_path):
     ref, got = _losses(full), _losses(parts)
     for step in range(8, 17):
         assert abs(got[step]["loss"] - ref[step]["loss"]) <= 1e-6 * max(1.0, ref[step]["loss"])
+
+
+def _tags(directory) -> set[tuple[int, str]]:
+    import tensorflow as tf
+
+    out = set()
+    for f in glob.glob(str(directory / "events.out.tfevents*")):
+        for event in tf.compat.v1.train.summary_iterator(f):
+            out |= {(event.step, v.tag) for v in event.summary.value}
+    return out
+
+
+def test_writers_split_train_progress_and_eval(tmp_path):
+    from distill_sbs.train import METRICS_FILE, _ReportProgress, create_writers
+
+    writers = create_writers(str(tmp_path))
+    progress = _ReportProgress(every_steps=2, every_secs=None, writer=writers.progress)
+    assert not progress(0, t=10.0)  # the first call starts the clock
+    assert not progress(1, t=11.0)
+    assert progress(2, t=14.0)
+    assert progress.steps_per_sec == pytest.approx(0.5)  # 2 steps in 4 s
+    writers.train.write_scalars(2, {"loss": 1.5, "label/loss": 0.5})
+    writers.eval.write_scalars(2, {"arith_dss_label/numeric_accuracy": 40.0})
+    writers.train.close()
+    writers.eval.close()
+
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{"step": 2, "loss": 1.5, "label/loss": 0.5}]
+    assert {(2, "loss"), (2, "label/loss"), (2, "steps_per_sec")} <= _tags(tmp_path / "train")
+    assert _tags(tmp_path / "eval") == {(2, "arith_dss_label/numeric_accuracy")}
