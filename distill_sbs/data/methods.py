@@ -98,7 +98,7 @@ GOLD_LABEL = Target("gold label", _gold_label, scored=True)
 TEACHER_LABEL = Target("teacher label", _teacher_label, scored=True)
 RATIONALE = Target("teacher rationale", _rationale)
 CHAIN_OF_THOUGHT = Target(
-    f'"<rationale> {preprocessors.COT_ANSWER} <label>." per teacher sample '
+    f"`<rationale> {preprocessors.COT_ANSWER} <label>.` per teacher sample "
     "(by default only those with the right answer)",
     _chain_of_thought,
     scored=True,
