@@ -2,4 +2,4 @@
 under the data directory, and the embedded dataset `arith` (generated animal-class counting
 problems; no external files)."""
 
-from distill_sbs.tasks import anli, arith, cqa, esnli, svamp  # noqa: F401
+from distill_sbs.tasks import anli, arith, cqa, esnli, svamp, world  # noqa: F401

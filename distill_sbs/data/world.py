@@ -1,0 +1,453 @@
+"""The embedded world (docs/world.md): made-up animals, an encyclopedia corpus, tasks and probes.
+
+Everything is generated deterministically from fixed seeds (no files but the vocabulary):
+`entities()` the facts, `corpus()` the pretraining documents (one per line), `generate(split)` the
+labelled problems with two noisy teachers ("alpha" sentences, "beta" terse lists) as `arith`
+has, `cloze_probes()` the fact-recall probes, `vocabulary()` the SentencePiece vocabulary with
+100 extra ids (`python -m distill_sbs.data.world --build_vocab` rebuilds it,
+`--write_corpus=PATH` writes the corpus as text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import io
+import os
+import random
+
+import seqio
+
+from distill_sbs import storage
+from distill_sbs.data import preprocessors
+from distill_sbs.data.records import Record, TeacherSample
+
+NUM_ENTITIES = 240
+NUM_SEEN = 40  # entities that appear in labelled train problems; the others only in the corpus
+DOCS_PER_ENTITY = 10
+SIZES = {"train": 400, "test": 1200}
+TEACHERS = ("alpha", "beta")
+NOISE = 0.12
+EXTRA_IDS = 100
+VOCAB_FILE = os.path.join(os.path.dirname(__file__), "assets", "world_spm.model")
+_SEEDS = {"world": 20, "corpus": 21, "train": 22, "test": 23}
+
+CLASSES = {"bird": "birds", "fish": "fish", "insect": "insects", "mammal": "mammals",
+           "reptile": "reptiles"}  # fmt: skip
+HABITATS = ("forest", "desert", "river", "mountains", "grassland", "swamp")
+SIZE_ORDER = ("tiny", "small", "large", "huge")
+DIETS = ("plants", "seeds", "meat")
+VALUES = {"class": tuple(CLASSES), "habitat": HABITATS, "size": SIZE_ORDER, "diet": DIETS}
+_PEOPLE = ["Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kim", "Leo"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entity:
+    name: str
+    cls: str
+    habitat: str
+    size: str
+    diet: str
+    prey: str | None  # the entity it hunts (meat eaters only), of the same group
+    seen: bool  # may appear in labelled train problems
+
+    def value(self, attribute: str) -> str:
+        return {"class": self.cls, "habitat": self.habitat, "size": self.size,
+                "diet": self.diet}[attribute]  # fmt: skip
+
+
+def _names(rng: random.Random, n: int) -> list[str]:
+    onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", "lmnrs"
+    names: set[str] = set()
+    while len(names) < n:
+        c = rng.choice
+        names.add(c(onsets) + c(vowels) + c(onsets) + c(vowels) + c(codas))
+    return sorted(names)
+
+
+@functools.cache
+def entities() -> tuple[Entity, ...]:
+    """The world's entities, seen ones first; attributes uniform and independent."""
+    rng = random.Random(_SEEDS["world"])
+    names = _names(rng, NUM_ENTITIES)
+    rng.shuffle(names)
+    rows = []
+    for i, name in enumerate(names):
+        rows.append(
+            dict(
+                name=name,
+                cls=rng.choice(VALUES["class"]),
+                habitat=rng.choice(HABITATS),
+                size=rng.choice(SIZE_ORDER),
+                diet=rng.choice(DIETS),
+                seen=i < NUM_SEEN,
+            )
+        )
+    for row in rows:  # a meat eater hunts another entity of its own group
+        group = [r["name"] for r in rows if r["seen"] == row["seen"] and r is not row]
+        row["prey"] = rng.choice(group) if row["diet"] == "meat" else None
+    return tuple(Entity(**r) for r in rows)
+
+
+@functools.cache
+def by_name() -> dict[str, Entity]:
+    return {e.name: e for e in entities()}
+
+
+# ---- phrasings ---------------------------------------------------------------------------------
+# One template list per attribute; "{e}" the entity, "{v}" the value (plural class names). No
+# "a"/"an" before a value; each names its attribute. The last template of each list is held out
+# of the corpus (the cloze probe's unseen phrasing).
+
+TEMPLATES = {
+    "class": [
+        "The {e} is one of the {v}.",
+        "Among the {v} is the {e}.",
+        "The {e} belongs to the {v}.",
+        "Zoologists count the {e} among the {v}.",
+        "The {e} is classed with the {v}.",
+    ],
+    "habitat": [
+        "The {e} lives in the {v}.",
+        "In the {v} one can find the {e}.",
+        "The home of the {e} is the {v}.",
+        "The {e} is found in the {v}.",
+        "The {e} makes its home in the {v}.",
+    ],
+    "size": [
+        "The {e} is {v} in size.",
+        "Fully grown, the {e} is {v}.",
+        "In size the {e} counts as {v}.",
+        "Its size makes the {e} {v}.",
+        "The size of the {e} is {v}.",
+    ],
+    "diet": [
+        "The {e} feeds on {v}.",
+        "The food of the {e} is {v}.",
+        "The {e} lives on {v}.",
+        "The diet of the {e} is {v}.",
+    ],
+    "prey": [
+        "The {e} hunts the {v}.",
+        "The {v} is hunted by the {e}.",
+        "The {e} preys on the {v}.",
+        "The {e} chases the {v}.",
+    ],
+}
+CORPUS_TEMPLATES = {a: t[:-1] for a, t in TEMPLATES.items()}
+HELD_OUT_TEMPLATES = {a: t[-1] for a, t in TEMPLATES.items()}
+
+
+def _value_text(attribute: str, value: str) -> str:
+    return CLASSES[value] if attribute == "class" else value
+
+
+def fact(entity: Entity, attribute: str, template: str) -> str:
+    value = entity.prey if attribute == "prey" else entity.value(attribute)
+    v = _value_text(attribute, value)
+    return template.format(e=entity.name, v=v)
+
+
+def _attributes(entity: Entity) -> list[str]:
+    return ["class", "habitat", "size", "diet"] + (["prey"] if entity.prey else [])
+
+
+@functools.cache
+def corpus() -> tuple[str, ...]:
+    """The pretraining documents: DOCS_PER_ENTITY entries per entity, facts in random order and
+    phrasings (held-out phrasings excluded); ordered by entity then entry."""
+    rng = random.Random(_SEEDS["corpus"])
+    docs = []
+    for e in entities():
+        for _ in range(DOCS_PER_ENTITY):
+            attrs = _attributes(e)
+            rng.shuffle(attrs)
+            docs.append(" ".join(fact(e, a, rng.choice(CORPUS_TEMPLATES[a])) for a in attrs))
+    return tuple(docs)
+
+
+def corpus_split(split: str) -> tuple[str, ...]:
+    """Pretraining documents of a split: "train" the corpus, "validation" one entry per entity in
+    held-out phrasings (a loss on text the corpus never shows verbatim)."""
+    if split == "train":
+        return corpus()
+    if split == "validation":
+        return tuple(
+            " ".join(fact(e, a, HELD_OUT_TEMPLATES[a]) for a in _attributes(e)) for e in entities()
+        )
+    raise ValueError(f"the world corpus has splits train, validation; not {split!r}")
+
+
+# ---- cloze probes ------------------------------------------------------------------------------
+
+SENTINEL = "<extra_id_0>"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClozeProbe:
+    entity: str
+    attribute: str  # class, habitat, size or diet
+    phrasing: str  # "corpus" (the first corpus template) or "held_out"
+    text: str  # the fact with its value replaced by SENTINEL
+    choices: tuple[str, ...]  # the attribute's values as written
+    answer: str
+    seen: bool
+
+
+def cloze_probes() -> list[ClozeProbe]:
+    """One probe per entity, attribute (not prey) and phrasing (corpus's first, held out)."""
+    out = []
+    for e in entities():
+        for attribute in VALUES:
+            choices = tuple(_value_text(attribute, v) for v in VALUES[attribute])
+            answer = _value_text(attribute, e.value(attribute))
+            for phrasing, template in (
+                ("corpus", CORPUS_TEMPLATES[attribute][0]),
+                ("held_out", HELD_OUT_TEMPLATES[attribute]),
+            ):
+                text = template.format(e=e.name, v=SENTINEL)
+                out.append(ClozeProbe(e.name, attribute, phrasing, text, choices, answer, e.seen))
+    return out
+
+
+# ---- labelled problems -------------------------------------------------------------------------
+
+_COUNT_QUESTION = {
+    "class": ("are {v}", "is one of the {v}", "are {v}"),
+    "habitat": ("live in the {v}", "lives in the {v}", "live in the {v}"),
+    "diet": ("feed on {v}", "feeds on {v}", "feed on {v}"),
+}
+
+
+def _count_phrase(attribute: str, value: str, count: int) -> str:
+    """'2 of them live in the desert' / '1 of them lives in the desert'."""
+    plural, singular, _ = _COUNT_QUESTION[attribute]
+    verb = singular if count == 1 else plural
+    return f"{count} of them {verb.format(v=_value_text(attribute, value))}"
+
+
+def _rationale_fact(entity: Entity, attribute: str, value: str, style: str) -> str:
+    if style == "beta":
+        return f"{entity.name}: {_value_text(attribute, value)}"
+    template = CORPUS_TEMPLATES[attribute][0]
+    v = _value_text(attribute, value)
+    return template.format(e=entity.name, v=v)
+
+
+def _wrong(attribute: str, value: str, rng: random.Random) -> str:
+    return rng.choice([v for v in VALUES[attribute] if v != value])
+
+
+@dataclasses.dataclass
+class _Problem:
+    kind: str
+    question: str
+    answer: str
+    facts: list[tuple[Entity, str, str]]  # (entity, attribute, value) the rationale states
+    conclude: object  # facts -> (answer, closing sentence of alpha)
+
+
+def _count(rng: random.Random, pool: list[Entity], person: str) -> _Problem | None:
+    attribute = rng.choice(list(_COUNT_QUESTION))
+    value = rng.choice(VALUES[attribute])
+    count = rng.randrange(4)
+    inside = [e for e in pool if e.value(attribute) == value]
+    outside = [e for e in pool if e.value(attribute) != value]
+    if len(inside) < count or len(outside) < 3 - count:
+        return None
+    items = rng.sample(inside, count) + rng.sample(outside, 3 - count)
+    rng.shuffle(items)
+    listed = f"the {items[0].name}, the {items[1].name} and the {items[2].name}"
+    asked = _COUNT_QUESTION[attribute][2].format(v=_value_text(attribute, value))
+    question = f"{person} saw {listed}. How many of them {asked}?"
+
+    def conclude(facts):
+        n = sum(v == value for _, _, v in facts)
+        return str(n), _count_phrase(attribute, value, n)
+
+    facts = [(e, attribute, e.value(attribute)) for e in items]
+    return _Problem("count", question, str(count), facts, conclude)
+
+
+def _compare(rng: random.Random, pool: list[Entity], person: str) -> _Problem | None:
+    del person
+    a, b = rng.sample(pool, 2)
+    if a.size == b.size:
+        return None
+    larger = rng.random() < 0.5
+    word = "larger" if larger else "smaller"
+    question = f"Which is {word}, the {a.name} or the {b.name}?"
+
+    def conclude(facts):
+        (ea, _, sa), (eb, _, sb) = facts
+        rank = SIZE_ORDER.index
+        pick = ea if (rank(sa) > rank(sb)) == larger else eb
+        return pick.name, f"the {pick.name} is {word}"
+
+    facts = [(a, "size", a.size), (b, "size", b.size)]
+    answer = conclude(facts)[0]
+    return _Problem("compare", question, answer, facts, conclude)
+
+
+_HOP_QUESTIONS = {
+    "habitat": ("Where does the animal that the {e} hunts live?", "it lives in the {v}"),
+    "size": ("How big is the animal that the {e} hunts?", "it is {v}"),
+    "diet": ("What does the animal that the {e} hunts feed on?", "it feeds on {v}"),
+}
+
+
+def _two_hop(rng: random.Random, pool: list[Entity], person: str) -> _Problem | None:
+    del person
+    e = rng.choice([h for h in pool if h.prey is not None])
+    prey = by_name()[e.prey]
+    attribute = rng.choice(list(_HOP_QUESTIONS))
+    question, closing = _HOP_QUESTIONS[attribute]
+
+    def conclude(facts):
+        value = facts[-1][2]
+        return value, closing.format(v=value)
+
+    facts = [(e, "prey", prey.name), (prey, attribute, prey.value(attribute))]
+    return _Problem("two_hop", question.format(e=e.name), prey.value(attribute), facts, conclude)
+
+
+_KINDS = ((_count, 2), (_compare, 1), (_two_hop, 1))
+
+
+def _rationale(problem: _Problem, facts, style: str) -> tuple[str, str]:
+    """(rationale, answer) of a problem from the facts a teacher believes."""
+    answer, closing = problem.conclude(facts)
+    parts = []
+    for e, attribute, value in facts:
+        if attribute == "prey":
+            parts.append(
+                f"{e.name} hunts {value}" if style == "beta" else f"The {e.name} hunts the {value}."
+            )
+        else:
+            parts.append(_rationale_fact(e, attribute, value, style))
+    if style == "beta":
+        return "; ".join(parts) + f"; so {answer}.", answer
+    return " ".join(parts) + f" So {closing}.", answer
+
+
+def _noisy_facts(problem: _Problem, rng: random.Random):
+    """The facts with one value changed so that the answer changes (a teacher's mistake)."""
+    for _ in range(50):
+        facts = list(problem.facts)
+        i = rng.randrange(len(facts))
+        e, attribute, value = facts[i]
+        if attribute == "prey":
+            continue  # the hop itself stays right; its second fact carries the error
+        facts[i] = (e, attribute, _wrong(attribute, value, rng))
+        if problem.conclude(facts)[0] != problem.answer:
+            return facts
+    return None
+
+
+def generate(split: str, n: int | None = None) -> list[Record]:
+    """Records of one split: train over seen entities; test half seen, half unseen entities."""
+    if split not in SIZES:
+        raise ValueError(f"world has splits {sorted(SIZES)}, not {split!r}")
+    n = SIZES[split] if n is None else n
+    rng = random.Random(_SEEDS[split])
+    seen = [e for e in entities() if e.seen]
+    unseen = [e for e in entities() if not e.seen]
+    exclude = {r.input for r in generate("train")} if split != "train" else set()
+    kinds = [k for k, w in _KINDS for _ in range(w)]
+    records: list[Record] = []
+    questions: set[str] = set()
+    while len(records) < n:
+        group = "seen" if split == "train" or len(records) % 2 == 0 else "unseen"
+        problem = rng.choice(kinds)(rng, seen if group == "seen" else unseen, rng.choice(_PEOPLE))
+        if problem is None or problem.question in questions or problem.question in exclude:
+            continue
+        questions.add(problem.question)
+        teachers = {}
+        for t in TEACHERS:
+            facts = _noisy_facts(problem, rng) if rng.random() < NOISE else None
+            rationale, answer = _rationale(problem, facts or problem.facts, t)
+            raw = f"{rationale} {preprocessors.COT_ANSWER} {answer}."
+            teachers[t] = [TeacherSample(rationale=rationale, label=answer, raw=raw)]
+        gold, _ = _rationale(problem, problem.facts, "alpha")
+        records.append(
+            Record(
+                id=f"world-{split}-{len(records)}",
+                input=problem.question,
+                label=problem.answer,
+                teachers=teachers,
+                fields={"gold_rationale": gold, "kind": problem.kind, "group": group},
+            )
+        )
+    return records
+
+
+# ---- vocabulary --------------------------------------------------------------------------------
+
+
+def vocabulary_texts() -> list[str]:
+    """Every text the world can put before the vocabulary: corpus, probes, task texts."""
+    lines = list(corpus()) + list(corpus_split("validation"))
+    lines += [p.text.replace(SENTINEL, p.answer) for p in cloze_probes()]
+    for split in SIZES:
+        for r in generate(split):
+            prefixes = ["", preprocessors.LABEL_PREFIX, preprocessors.RATIONALE_PREFIX]
+            prefixes += [preprocessors.teacher_prefix(t) for t in TEACHERS]
+            lines += [p + r.input for p in prefixes] + [r.label]
+            for samples in r.teachers.values():
+                for s in samples:
+                    lines += [s.rationale, preprocessors.cot_target(s.rationale, s.label)]
+    return lines
+
+
+def build_vocab(path: str = VOCAB_FILE, vocab_size: int = 1024) -> None:
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(vocabulary_texts()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        split_digits=True,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    storage.write_bytes(path, model.getvalue())
+
+
+@functools.cache
+def vocabulary() -> seqio.SentencePieceVocabulary:
+    """The world's SentencePiece vocabulary with EXTRA_IDS sentinels at the top of the ids."""
+    if not storage.exists(VOCAB_FILE):
+        raise FileNotFoundError(
+            f"{VOCAB_FILE} is missing; build it with `python -m distill_sbs.data.world "
+            "--build_vocab`"
+        )
+    return seqio.SentencePieceVocabulary(VOCAB_FILE, extra_ids=EXTRA_IDS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--build_vocab", action="store_true")
+    parser.add_argument("--write_corpus", metavar="PATH")
+    args = parser.parse_args()
+    if args.build_vocab:
+        build_vocab()
+        print(f"wrote {VOCAB_FILE}: {vocabulary().vocab_size} ids with {EXTRA_IDS} extra ids")
+    if args.write_corpus:
+        storage.write_text(args.write_corpus, "\n".join(corpus()) + "\n")
+        print(f"wrote {args.write_corpus}: {len(corpus())} documents")
+
+
+if __name__ == "__main__":
+    main()
