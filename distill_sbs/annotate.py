@@ -25,82 +25,93 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import typing
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
-from distill_sbs import storage
-from distill_sbs.data.records import Record, RecordError, read_jsonl, write_jsonl
+from distill_sbs import program, storage
+from distill_sbs.data.records import Record, read_jsonl, write_jsonl
+from distill_sbs.errors import UserError
+from distill_sbs.program import one_line
 from distill_sbs.teachers.cache import CacheError, RequestCache
 from distill_sbs.teachers.pipeline import TeacherConfig, annotate, make_backend
 from distill_sbs.teachers.prompts import STRATEGIES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "JSONL file of records to annotate.")
-flags.DEFINE_string("dataset", None, "A registered dataset (instead of --input), e.g. cqa.")
-flags.DEFINE_string("split", "train", "The split of --dataset.")
-flags.DEFINE_integer("limit", None, "Annotate only the first N examples.")
-flags.DEFINE_string("output", None, "Output JSONL of annotated records.")
-flags.DEFINE_string("cache", None, "Request cache (default: OUTPUT.cache.jsonl).")
-flags.DEFINE_string("metric", None, "Answer match for accuracy (default: the dataset's).")
-flags.DEFINE_string("teachers", None, "JSON file: a list of teacher configs (see TeacherConfig).")
-# One teacher from flags (ignored when --teachers is given): one flag per TeacherConfig field
-# ("name" is --teacher), with the field's default.
-_TEACHER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TeacherConfig)}
-flags.DEFINE_string("teacher", "teacher", "Teacher name (the key in the records' 'teachers').")
-flags.DEFINE_enum("backend", _TEACHER_DEFAULTS["backend"], ["openai", "local"], "Teacher backend.")
-flags.DEFINE_string("base_url", None, "OpenAI-compatible base URL, e.g. http://host:8000/v1.")
-flags.DEFINE_string("model", None, "Model name sent to the endpoint.")
-flags.DEFINE_string("api_key_env", None, "NAME of the environment variable holding the API key.")
-flags.DEFINE_enum("api", _TEACHER_DEFAULTS["api"], ["completions", "chat"], "Endpoint flavour.")
-flags.DEFINE_string("checkpoint", None, "backend=local: checkpoint of the teacher model.")
-flags.DEFINE_integer("batch_size", _TEACHER_DEFAULTS["batch_size"], "backend=local: batch rows.")
-flags.DEFINE_enum("strategy", _TEACHER_DEFAULTS["strategy"], list(STRATEGIES), "Prompts.")
-flags.DEFINE_string("exemplars", None, "Built-in exemplar set or JSONL file (few-shot).")
-flags.DEFINE_integer(
-    "k_shot", _TEACHER_DEFAULTS["k_shot"], "answer_given: in-context examples from the dataset."
-)
-flags.DEFINE_integer(
-    "num_samples", _TEACHER_DEFAULTS["num_samples"], "Samples per example (diverse reasoning)."
-)
-flags.DEFINE_float(
-    "temperature", _TEACHER_DEFAULTS["temperature"], "Sampling temperature (> 0 for samples > 1)."
-)
-flags.DEFINE_float("top_p", _TEACHER_DEFAULTS["top_p"], "Nucleus sampling.")
-flags.DEFINE_integer("max_tokens", _TEACHER_DEFAULTS["max_tokens"], "Most tokens per request.")
-flags.DEFINE_integer(
-    "answer_max_tokens", _TEACHER_DEFAULTS["answer_max_tokens"], "zero_shot: answer tokens."
-)
-flags.DEFINE_boolean(
-    "filter_correct", _TEACHER_DEFAULTS["filter_correct"], "Keep only samples matching gold."
-)
-flags.DEFINE_integer(
-    "max_concurrency", _TEACHER_DEFAULTS["max_concurrency"], "Most requests in flight."
-)
-flags.DEFINE_float("requests_per_minute", None, "Rate limit.")
-flags.DEFINE_float("timeout", _TEACHER_DEFAULTS["timeout"], "Seconds per request attempt.")
-flags.DEFINE_integer(
-    "max_retries", _TEACHER_DEFAULTS["max_retries"], "Retries (429, 5xx, timeouts, bad bodies)."
-)
-flags.DEFINE_float(
-    "backoff_base", _TEACHER_DEFAULTS["backoff_base"], "Seconds before the first retry (doubles)."
-)
-flags.DEFINE_float(
-    "retry_after_max", _TEACHER_DEFAULTS["retry_after_max"], "Cap on a server's Retry-After (s)."
-)
-flags.DEFINE_float(
-    "max_total_backoff",
-    _TEACHER_DEFAULTS["max_total_backoff"],
-    "Most seconds one request waits between retries in all.",
-)
-flags.DEFINE_boolean("progress", True, "Show a progress line on stderr.")
 
-# Every field but the name comes from the flag of the same name (a new field needs a flag).
-_TEACHER_FLAGS = [name for name in _TEACHER_DEFAULTS if name != "name"]
-_missing = [name for name in _TEACHER_FLAGS if name not in FLAGS]
-if _missing:  # a programming error, caught by any test that imports this module
-    raise ImportError(f"TeacherConfig fields without an annotate flag: {_missing}")
+# The flag of each TeacherConfig field (one teacher from flags; ignored with --teachers): the
+# field's name ("name" is --teacher), type and default, with this help; a new field needs a line.
+_TEACHER_HELP = {
+    "name": "Teacher name (the key in the records' 'teachers').",
+    "backend": "Teacher backend.",
+    "base_url": "OpenAI-compatible base URL, e.g. http://host:8000/v1.",
+    "model": "Model name sent to the endpoint.",
+    "api_key_env": "NAME of the environment variable holding the API key.",
+    "api": "Endpoint flavour.",
+    "max_concurrency": "Most requests in flight.",
+    "requests_per_minute": "Rate limit.",
+    "timeout": "Seconds per request attempt.",
+    "max_retries": "Retries (429, 5xx, timeouts, bad bodies).",
+    "backoff_base": "Seconds before the first retry (doubles).",
+    "retry_after_max": "Cap on a server's Retry-After (s).",
+    "max_total_backoff": "Most seconds one request waits between retries in all.",
+    "checkpoint": "backend=local: checkpoint of the teacher model.",
+    "batch_size": "backend=local: batch rows.",
+    "strategy": "Prompts.",
+    "exemplars": "Built-in exemplar set or JSONL file (few-shot).",
+    "k_shot": "answer_given: in-context examples from the dataset.",
+    "num_samples": "Samples per example (diverse reasoning).",
+    "temperature": "Sampling temperature (> 0 for samples > 1).",
+    "top_p": "Nucleus sampling.",
+    "max_tokens": "Most tokens per request.",
+    "answer_max_tokens": "zero_shot: answer tokens.",
+    "filter_correct": "Keep only samples matching gold.",
+}
+_TEACHER_CHOICES = {
+    "backend": ["openai", "local"],
+    "api": ["completions", "chat"],
+    "strategy": list(STRATEGIES),
+}
+_DEFINE = {
+    str: flags.DEFINE_string,
+    int: flags.DEFINE_integer,
+    float: flags.DEFINE_float,
+    bool: flags.DEFINE_boolean,
+}
+# Every field but the name comes from the flag of the same name.
+_TEACHER_FLAGS = [f.name for f in dataclasses.fields(TeacherConfig) if f.name != "name"]
+
+
+def _define_teacher_flags() -> None:
+    """One flag per TeacherConfig field, typed and defaulted as the field."""
+    fields = dataclasses.fields(TeacherConfig)
+    missing = sorted({f.name for f in fields} ^ set(_TEACHER_HELP))
+    if missing:  # a programming error, caught by any test that runs the program
+        raise AssertionError(f"TeacherConfig fields and annotate's _TEACHER_HELP differ: {missing}")
+    types = typing.get_type_hints(TeacherConfig)
+    for f in fields:
+        name, default = ("teacher", "teacher") if f.name == "name" else (f.name, f.default)
+        if f.name in _TEACHER_CHOICES:
+            flags.DEFINE_enum(name, default, _TEACHER_CHOICES[f.name], _TEACHER_HELP[f.name])
+            continue
+        kind = types[f.name]
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # X | None
+        _DEFINE[kind](name, default, _TEACHER_HELP[f.name])
+
+
+def define_flags() -> None:
+    """The program's flags (defined by program.run, never at import)."""
+    flags.DEFINE_string("input", None, "JSONL file of records to annotate.")
+    flags.DEFINE_string("dataset", None, "A registered dataset (instead of --input), e.g. cqa.")
+    flags.DEFINE_string("split", "train", "The split of --dataset.")
+    flags.DEFINE_integer("limit", None, "Annotate only the first N examples.")
+    flags.DEFINE_string("output", None, "Output JSONL of annotated records.")
+    flags.DEFINE_string("cache", None, "Request cache (default: OUTPUT.cache.jsonl).")
+    flags.DEFINE_string("metric", None, "Answer match for accuracy (default: the dataset's).")
+    flags.DEFINE_string("teachers", None, "JSON file: a list of teacher configs (TeacherConfig).")
+    _define_teacher_flags()
+    flags.DEFINE_boolean("progress", True, "Show a progress line on stderr.")
 
 
 def teacher_configs() -> list[TeacherConfig]:
@@ -108,9 +119,9 @@ def teacher_configs() -> list[TeacherConfig]:
         try:
             items = storage.read_json(FLAGS.teachers)
         except (OSError, ValueError) as e:
-            raise app.UsageError(str(e)) from None
+            raise UserError(f"--teachers {FLAGS.teachers}: {e}") from e
         if not isinstance(items, list) or not items:
-            raise app.UsageError(f"{FLAGS.teachers}: expected a non-empty JSON list of teachers")
+            raise UserError(f"{FLAGS.teachers}: expected a non-empty JSON list of teachers")
         return [
             TeacherConfig.from_dict(d, f"{FLAGS.teachers}: teacher {i}")
             for i, d in enumerate(items)
@@ -128,7 +139,7 @@ def dataset_records(name: str, split: str) -> tuple[list[Record], str]:
         spec = registry.get_dataset_spec(name)
         records = registry.load_records(name, split)
     except (KeyError, ValueError) as e:
-        raise app.UsageError(f"--dataset {name} --split {split}: {e}") from e
+        raise UserError(f"--dataset {name} --split {split}: {one_line(e)}") from e
     return records, spec.metric
 
 
@@ -157,23 +168,22 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> int:
+def main() -> int:
+    """Annotates, writes OUTPUT and its companions; 2 when some examples failed."""
     try:
-        return _main(argv)
-    except (RecordError, CacheError, OSError, ValueError) as e:
-        # A user's error (bad record, file, config): one line, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _annotate()
+    except program.USER_ERRORS:
+        raise
+    except (CacheError, OSError, ValueError) as e:  # a bad file, cache or teacher config
+        raise UserError(str(e)) from e
 
 
-def _main(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+def _annotate() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if bool(FLAGS.input) == bool(FLAGS.dataset):
-        raise app.UsageError("give exactly one of --input and --dataset")
+        raise UserError("give exactly one of --input and --dataset")
     if not FLAGS.output:
-        raise app.UsageError("--output is required")
+        raise UserError("--output is required")
     if FLAGS.input:
         records = read_jsonl(FLAGS.input)
         metric = FLAGS.metric or (
@@ -219,4 +229,4 @@ def _main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, define_flags)

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from distill_sbs import storage
+from distill_sbs import program, storage
 from distill_sbs.data.options import DEFAULT_T5_VOCAB
 from distill_sbs.errors import UserError
 from distill_sbs.network import T5Config
@@ -742,43 +741,43 @@ def native_to_hf(checkpoint: str, out_dir: str) -> None:
     )
 
 
-def _define_flags() -> None:
-    """The CLI's flags, defined only when run as a program: as a library module, convert must not
-    claim flag names (--checkpoint, --out) that other entry points define."""
+# ---------------------------------------------------------------------------------- the program
+
+
+def define_flags() -> None:
+    """The program's flags, defined by program.run (never at import: a library user of convert
+    must not find --checkpoint or --out claimed)."""
     flags.DEFINE_string("hf_dir", None, "hf-to-native: the Hugging Face T5 folder to read.")
     flags.DEFINE_string("checkpoint", None, "native-to-hf: the native checkpoint to read.")
     flags.DEFINE_string("out", None, "The directory to write.")
 
 
-# command -> (its source flag, the conversion)
-_COMMANDS: dict[str, tuple[str, Callable[[str, str], None]]] = {
+# command -> (its source flag, the conversion(source, out)); a new command is one entry here
+# (and its source flag in define_flags).
+COMMANDS: dict[str, tuple[str, Callable[[str, str], None]]] = {
     "hf-to-native": ("hf_dir", hf_to_native),
     "native-to-hf": ("checkpoint", native_to_hf),
 }
 
 
-def main(argv: Sequence[str]) -> int:
-    """`python -m distill_sbs.convert COMMAND --SOURCE DIR --out DIR`; 1 on a conversion error
-    (one line `error: ...`)."""
-    if len(argv) != 2 or argv[1] not in _COMMANDS:
-        raise app.UsageError(f"expected one command, {' or '.join(_COMMANDS)}; got {argv[1:]}")
-    command = argv[1]
-    source_flag, convert_fn = _COMMANDS[command]
+def main(args: Sequence[str]) -> None:
+    """`python -m distill_sbs.convert COMMAND --SOURCE DIR --out DIR`."""
+    if len(args) != 1 or args[0] not in COMMANDS:
+        raise UserError(f"expected one command, {' or '.join(COMMANDS)}; got {list(args)}")
+    command = args[0]
+    source_flag, convert_fn = COMMANDS[command]
     FLAGS = flags.FLAGS
-    for other, _ in _COMMANDS.values():
+    for other, _ in COMMANDS.values():
         if other != source_flag and FLAGS[other].present:
-            raise app.UsageError(f"{command} reads --{source_flag}, not --{other}")
+            raise UserError(f"{command} reads --{source_flag}, not --{other}")
     if FLAGS[source_flag].value is None or FLAGS.out is None:
-        raise app.UsageError(f"{command} needs --{source_flag} and --out")
+        raise UserError(f"{command} needs --{source_flag} and --out")
     try:
         convert_fn(FLAGS[source_flag].value, FLAGS.out)
-    except (UserError, OSError, ImportError) as e:  # ConversionError is a UserError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (OSError, ImportError) as e:  # an unreadable folder; torch missing for a .bin
+        raise UserError(f"{command}: {e}") from e
     print(f"wrote {FLAGS.out}")
-    return 0
 
 
 if __name__ == "__main__":
-    _define_flags()
-    app.run(main)
+    program.run(main, define_flags, arguments=True)

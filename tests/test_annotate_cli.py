@@ -77,13 +77,25 @@ def test_one_teacher_from_flags_sets_every_config_field():
 
     fields = {f.name for f in dataclasses.fields(TeacherConfig)}
     assert set(annotate._TEACHER_FLAGS) == fields - {"name"}
-    argv = ["annotate", "--teacher", "t", "--base_url", "http://h/v1", "--model", "m"]
-    argv += ["--answer_max_tokens", "7", "--batch_size", "3", "--strategy", "zero_shot"]
-    flags.FLAGS(argv)
+    assert "teacher" not in flags.FLAGS  # importing the program defines no flag
+    before = set(flags.FLAGS)
+    annotate.define_flags()
     try:
+        assert set(annotate._TEACHER_FLAGS) <= set(flags.FLAGS)
+        assert isinstance(flags.FLAGS["filter_correct"], flags.BooleanFlag)
+        assert flags.FLAGS["requests_per_minute"].default is None
+        argv = ["annotate", "--teacher", "t", "--base_url", "http://h/v1", "--model", "m"]
+        argv += ["--answer_max_tokens", "7", "--batch_size", "3", "--strategy", "zero_shot"]
+        argv += ["--temperature", "0.5", "--filter_correct"]
+        flags.FLAGS(argv)
         (cfg,) = annotate.teacher_configs()
+        with pytest.raises(flags.IllegalFlagValueError):  # the field's choices
+            flags.FLAGS(["annotate", "--api", "grpc"])
     finally:
         flags.FLAGS.unparse_flags()
+        for name in set(flags.FLAGS) - before:  # leave the process's flags as they were
+            delattr(flags.FLAGS, name)
     assert (cfg.name, cfg.base_url, cfg.model) == ("t", "http://h/v1", "m")
     assert (cfg.answer_max_tokens, cfg.batch_size, cfg.strategy) == (7, 3, "zero_shot")
+    assert (cfg.temperature, cfg.filter_correct) == (0.5, True)
     assert cfg.timeout == TeacherConfig.timeout  # unset flags keep the field's default

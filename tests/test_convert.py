@@ -125,7 +125,7 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
     with pytest.raises(convert.ConversionError, match=r"DenseReluDense\.wi_0\.weight.*\(48, 32\)"):
         convert.load_hf_folder(hf_dir)
     r = _cli("hf-to-native", "--hf_dir", hf_dir, "--out", str(tmp_path / "x"))
-    assert r.returncode == 1 and "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in r.stderr
+    assert r.returncode == 2 and "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in r.stderr
 
 
 def test_config_errors_and_unknown_tensors():
@@ -183,7 +183,7 @@ def test_config_round_trip_for_each_variant():
 )
 def test_cli_usage_errors(args, message):
     r = _cli(*args)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == message
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"error: {message}"
 
 
 # ------------------------------------------------------------------ issue 9: exports and checks

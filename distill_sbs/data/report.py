@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
-from distill_sbs import metrics
+from distill_sbs import metrics, program
 from distill_sbs.data import registry
+from distill_sbs.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,19 +80,24 @@ def format_reports(reports: Sequence[TeacherReport]) -> str:
     return "\n".join(lines)
 
 
-_DATASETS = flags.DEFINE_list("datasets", ["cqa", "svamp"], "Registered dataset names.")
+def define_flags() -> None:
+    """The program's flag (defined by program.run, never at import)."""
+    flags.DEFINE_list("datasets", ["cqa", "svamp"], "Registered dataset names.")
 
 
-def main(argv: Sequence[str]) -> None:
-    del argv
+def main() -> None:
     import distill_sbs.tasks  # noqa: F401  registers the built-in datasets
 
     reports = []
-    for name in _DATASETS.value:
-        for split in registry.get_dataset_spec(name).splits:
+    for name in flags.FLAGS.datasets:
+        try:
+            spec = registry.get_dataset_spec(name)
+        except KeyError as e:
+            raise UserError(f"--datasets: {program.one_line(e)}") from e
+        for split in spec.splits:
             reports += teacher_reports(name, split)
     print(format_reports(reports))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main, define_flags)
