@@ -418,16 +418,23 @@ def read_params(
 
 
 def default_vocabulary(config: T5Config) -> str | None:
-    """The T5 vocabulary (gin's DatasetOptions.vocab_path, $DISTILL_SBS_VOCAB or the packaged one)
-    for a checkpoint with room for it; None (with a warning) for a smaller embedding."""
+    """The vocabulary a T5X checkpoint cannot name: gin's DatasetOptions.vocab_path or
+    $DISTILL_SBS_VOCAB when set, else the packaged T5 vocabulary for an embedding with room for
+    it, else None (with a warning)."""
+    import os
+
     from distill_sbs.data import options
 
+    chosen = options.get_options().vocab_path or os.environ.get(options.VOCAB_ENV)
+    if chosen:
+        return chosen
     if config.vocab_size >= _T5_VOCAB_SIZE:
-        return options.t5_vocab_path()
+        return options.DEFAULT_T5_VOCAB
     logging.warning(
-        "T5X checkpoint with %d embedding rows: too few for the T5 vocabulary, so no vocabulary "
-        "(pass one to use text)",
+        "T5X checkpoint with %d embedding rows, too few for the T5 vocabulary: no vocabulary "
+        "(set $%s or gin DatasetOptions.vocab_path to give one)",
         config.vocab_size,
+        options.VOCAB_ENV,
     )
     return None
 
@@ -517,19 +524,19 @@ def save(
 # ---------------------------------------------------------------------------- conversions
 
 
-def t5x_to_native(checkpoint: str, out_dir: str, vocab_file: str | None = None) -> None:
-    """Converts a T5X checkpoint (latest step of a MODEL_DIR, or a step directory) into a native
-    checkpoint directory; `vocab_file` overrides the default vocabulary."""
+def t5x_to_native(checkpoint: str, out_dir: str) -> None:
+    """Converts a T5X checkpoint (latest step of a MODEL_DIR, a step directory or its msgpack
+    file) into a native checkpoint directory, with `default_vocabulary`."""
     from distill_sbs import checkpoints
 
     config, params, vocab = load(checkpoint)
-    checkpoints.save_native(out_dir, params, config, vocab_file or vocab)
+    checkpoints.save_native(out_dir, params, config, vocab)
 
 
-def native_to_t5x(checkpoint: str, out_dir: str, dtype: str = "float32") -> str:
+def native_to_t5x(checkpoint: str, out_dir: str, dtype: str = "float32") -> None:
     """Writes a native checkpoint (dir, MODEL_DIR or step dir) as a T5X checkpoint in `out_dir`
-    (checkpoint_<step>, the native step or 0). Returns the step directory."""
+    (checkpoint_<step>: the native step, or 0)."""
     from distill_sbs import checkpoints
 
     ckpt = checkpoints.load_native(checkpoint)
-    return save(out_dir, ckpt.params, ckpt.config, step=ckpt.step or 0, dtype=dtype)
+    save(out_dir, ckpt.params, ckpt.config, step=ckpt.step or 0, dtype=dtype)
