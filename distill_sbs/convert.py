@@ -2,6 +2,7 @@
 
     python -m distill_sbs.convert hf-to-native --hf_dir DIR --out DIR
     python -m distill_sbs.convert native-to-hf --checkpoint DIR --out DIR
+    python -m distill_sbs.convert t5x-to-native|native-to-t5x ...   (see t5x_checkpoint.py)
 
 A HF folder is a `T5ForConditionalGeneration` directory: config.json plus model.safetensors,
 pytorch_model.bin, or a sharded `*.index.json` of either (reading .bin needs torch). Restored
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from absl import flags, logging
 
-from distill_sbs import program, storage
+from distill_sbs import program, storage, t5x_checkpoint
 from distill_sbs.data.options import DEFAULT_T5_VOCAB
 from distill_sbs.errors import UserError
 from distill_sbs.network import T5Config
@@ -748,7 +749,9 @@ def define_flags() -> None:
     """The program's flags, defined by program.run (never at import: a library user of convert
     must not find --checkpoint or --out claimed)."""
     flags.DEFINE_string("hf_dir", None, "hf-to-native: the Hugging Face T5 folder to read.")
-    flags.DEFINE_string("checkpoint", None, "native-to-hf: the native checkpoint to read.")
+    flags.DEFINE_string(
+        "checkpoint", None, "native-to-hf/-t5x: the native checkpoint; t5x-to-native: the T5X one."
+    )
     flags.DEFINE_string("out", None, "The directory to write.")
 
 
@@ -757,6 +760,9 @@ def define_flags() -> None:
 COMMANDS: dict[str, tuple[str, Callable[[str, str], None]]] = {
     "hf-to-native": ("hf_dir", hf_to_native),
     "native-to-hf": ("checkpoint", native_to_hf),
+    # T5X checkpoints (t5x_checkpoint.py): a T5X MODEL_DIR / step dir in, or one written
+    "t5x-to-native": ("checkpoint", t5x_checkpoint.t5x_to_native),
+    "native-to-t5x": ("checkpoint", t5x_checkpoint.native_to_t5x),
 }
 
 

@@ -42,7 +42,7 @@ LAYERS: list[set[str]] = [
         "data.topk",
     },
     # 2: the model and its conversion
-    {"convert", "models", "data.build_assets"},
+    {"convert", "t5x_checkpoint", "models", "data.build_assets"},
     # 3: what runs a model: batched generation, compiled steps, the data layer's registry
     {"generation", "trainer", "data.registry", "data", "distillation"},
     # 4: libraries over models and data
