@@ -1,4 +1,5 @@
-"""Registered tasks and mixtures: batches, objective ids, gin knobs, subsampling, evaluation."""
+"""Registered tasks and mixtures: what each method builds (exactly, on a hand-made record set),
+batches, objective ids, gin knobs, subsampling, evaluation."""
 
 import os
 
@@ -48,7 +49,7 @@ def _token_targets(dataset, method, vocab):
     from distill_sbs.data import registry
 
     out = {}
-    for k in range(len(registry.objective_names(dataset, method))):
+    for k in range(len(registry.objectives(dataset, method))):
         examples = registry.build_examples(dataset, method, k, "train")
         out[k] = {
             tuple((vocab.encode(e["targets"])[: LENGTHS["targets"] - 1]) + [1]) for e in examples
@@ -110,6 +111,147 @@ def test_objectives_and_weights_come_from_gin_at_call_time(gin_scope):
         get_objectives("nope_dss")
 
 
+def _toy_records():
+    """Two teachers; record b's t1 answer is wrong and its t2 output unparsed, c has no gold
+    label, a has a second (wrong) t1 sample; test record d's t1 answer is wrong."""
+    from distill_sbs.data import Record, TeacherSample
+
+    def sample(rationale, label):
+        return TeacherSample(rationale, label, f"{rationale} So the answer is {label}.")
+
+    unparsed = TeacherSample("", None, "??")
+    return {
+        "train": [
+            Record("a", "2+2?", "4", teachers={"t1": [sample("two and two", "4"),
+                                                      sample("second try", "5")],
+                                               "t2": [sample("t2 adds", "4")]}),
+            Record("b", "3+1?", "4", teachers={"t1": [sample("three and one", "5")],
+                                               "t2": [unparsed]}),
+            Record("c", "1+1?", None, teachers={"t1": [sample("one and one", "2")],
+                                                "t2": [sample("1+1=2", "2")]}),
+        ],
+        "test": [Record("d", "5+0?", "5", teachers={"t1": [sample("five", "6")]})],
+    }  # fmt: skip
+
+
+# What each method builds from _toy_records, written out by hand (not from the method table):
+# (objective name, weight under the bindings of the test, {split: [(id, inputs, targets)]}).
+_TOY_GOLD = [("a", "2+2?", "4"), ("b", "3+1?", "4")]
+_TOY_TEST = [("d", "5+0?", "5")]
+_TOY_EXPECTED = {
+    "finetune": [("label", 1.0, {"train": _TOY_GOLD, "test": _TOY_TEST})],
+    "distill": [
+        ("label", 1.0, {"train": [("a", "2+2?", "4"), ("b", "3+1?", "5"), ("c", "1+1?", "2")],
+                        "test": _TOY_TEST}),
+    ],
+    "dss": [
+        ("label", 0.3, {"train": [(i, "[label] " + x, y) for i, x, y in _TOY_GOLD],
+                        "test": [("d", "[label] 5+0?", "5")]}),
+        ("rationale", 0.7, {"train": [("a", "[rationale] 2+2?", "two and two"),
+                                      ("b", "[rationale] 3+1?", "three and one"),
+                                      ("c", "[rationale] 1+1?", "one and one")],
+                            "test": [("d", "[rationale] 5+0?", "five")]}),
+    ],
+    "dss_llm": [
+        ("label", 0.3, {"train": [("a", "[label] 2+2?", "4"), ("b", "[label] 3+1?", "5"),
+                                  ("c", "[label] 1+1?", "2")],
+                        "test": [("d", "[label] 5+0?", "5")]}),
+        ("rationale", 0.7, {"train": [("a", "[rationale] 2+2?", "two and two"),
+                                      ("b", "[rationale] 3+1?", "three and one"),
+                                      ("c", "[rationale] 1+1?", "one and one")],
+                            "test": [("d", "[rationale] 5+0?", "five")]}),
+    ],
+    "cot": [("cot", 1.0, {"train": [("a", "2+2?", "two and two So the answer is 4.")],
+                          "test": _TOY_TEST})],
+    "multiteacher": [
+        ("label", 2.0, {"train": [(i, "[label] " + x, y) for i, x, y in _TOY_GOLD],
+                        "test": [("d", "[label] 5+0?", "5")]}),
+        ("rationale:t1", 0.4, {"train": [("a", "[rationale:t1] 2+2?", "two and two"),
+                                         ("b", "[rationale:t1] 3+1?", "three and one"),
+                                         ("c", "[rationale:t1] 1+1?", "one and one")],
+                               "test": [("d", "[rationale:t1] 5+0?", "five")]}),
+        ("rationale:t2", 0.6, {"train": [("a", "[rationale:t2] 2+2?", "t2 adds"),
+                                         ("c", "[rationale:t2] 1+1?", "1+1=2")],
+                               "test": []}),
+    ],
+}  # fmt: skip
+# The SeqIO names each method registers; the scored one (with the metric) first.
+_TOY_NAMES = {
+    "finetune": ("task", ["toy_finetune"]),
+    "distill": ("task", ["toy_distill"]),
+    "dss": ("mixture", ["toy_dss_label", "toy_dss_rationale"]),
+    "dss_llm": ("mixture", ["toy_dss_llm_label", "toy_dss_llm_rationale"]),
+    "cot": ("task", ["toy_cot"]),
+    "multiteacher": (
+        "mixture",
+        [
+            "toy_multiteacher_label",
+            "toy_multiteacher_rationale_t1",
+            "toy_multiteacher_rationale_t2",
+        ],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from distill_sbs.data import arith_vocabulary, register_dataset
+
+    records = _toy_records()
+    return register_dataset(
+        "toy",
+        loader=lambda split: records[split],
+        teachers=("t1", "t2"),
+        metric="accuracy",
+        vocabulary=arith_vocabulary(),
+    )
+
+
+@pytest.mark.parametrize("method", sorted(_TOY_EXPECTED))
+def test_each_method_builds_exactly_its_objectives(toy, gin_scope, method):
+    from distill_sbs.data import build_examples, get_objectives
+
+    gin.bind_parameter("DatasetOptions.dss_alpha", 0.3)
+    gin.bind_parameter("DatasetOptions.label_weight", 2.0)
+    gin.bind_parameter("DatasetOptions.teacher_weight", 0.4)
+    gin.bind_parameter("DatasetOptions.teacher_weights", {"t2": 0.6})
+    expected = _TOY_EXPECTED[method]
+    assert f"toy_{method}" in toy
+    got = [(o.name, o.weight) for o in get_objectives(f"toy_{method}")]
+    assert got == [(name, pytest.approx(weight)) for name, weight, _ in expected]
+    for k, (_, _, splits) in enumerate(expected):
+        for split, want in splits.items():
+            examples = build_examples("toy", method, k, split)
+            assert [(e["id"], e["inputs"], e["targets"]) for e in examples] == want, (k, split)
+            assert all(e["objective_id"] == k for e in examples)
+
+    kind, tasks = _TOY_NAMES[method]
+    provider = seqio.get_mixture_or_task(f"toy_{method}")
+    assert isinstance(provider, seqio.Mixture) == (kind == "mixture")
+    names = [t.name for t in provider.tasks] if kind == "mixture" else [provider.name]
+    assert sorted(names) == sorted(tasks)
+    scored = [n for n in names if seqio.get_mixture_or_task(n).metric_fns]
+    assert scored == tasks[:1]
+    # A chain-of-thought prediction is scored by its answer, the others by their text.
+    prediction = seqio.get_mixture_or_task(scored[0]).postprocess_fn(
+        b" one and one So the answer is 2.", example={}, is_target=False
+    )
+    assert prediction == ("2" if method == "cot" else "one and one So the answer is 2.")
+
+
+def test_cot_without_the_filter_keeps_every_parsed_sample(toy, gin_scope):
+    from distill_sbs.data import build_examples
+
+    gin.bind_parameter("DatasetOptions.cot_filter_correct", False)
+    examples = build_examples("toy", "cot", 0, "train")
+    assert [(e["id"], e["targets"]) for e in examples] == [
+        ("a", "two and two So the answer is 4."),
+        ("a", "second try So the answer is 5."),
+        ("b", "three and one So the answer is 5."),
+        ("c", "one and one So the answer is 2."),
+    ]
+
+
 def test_arith_multiteacher_packs_objective_ids_aligned():
     from distill_sbs.data import arith_vocabulary
 
@@ -145,10 +287,18 @@ def test_every_arith_method_yields_batches(method):
 
 @needs_dss
 @pytest.mark.parametrize("dataset", ["cqa", "svamp"])
-@pytest.mark.parametrize("method", ["finetune", "distill", "dss", "dss_llm", "cot", "multiteacher"])
-def test_every_dss_method_yields_batches(dataset, method):
+@pytest.mark.parametrize(
+    "method,num_objectives",
+    [("finetune", 1), ("distill", 1), ("dss", 2), ("dss_llm", 2), ("cot", 1), ("multiteacher", 2)],
+)
+def test_every_dss_method_batches_its_objectives_targets(dataset, method, num_objectives):
+    from distill_sbs.data import t5_vocabulary
+
     (b,) = _batches(f"{dataset}_{method}", n=1)
-    assert b["decoder_loss_weights"].sum() > 0
+    targets = _token_targets(dataset, method, t5_vocabulary())
+    assert sorted(targets) == list(range(num_objectives))
+    seen = _check_alignment([b], targets)  # every whole target segment is one of its objective's
+    assert seen and seen <= set(range(num_objectives))
 
 
 def test_same_seed_same_stream_and_shards_differ():
