@@ -34,6 +34,7 @@ from distill_sbs import data, distillation
 from distill_sbs.models import EncoderDecoderModel
 from distill_sbs.network import T5Config
 from distill_sbs.partitioning import create_partitioner
+from distill_sbs.teachers import topk
 from distill_sbs.trainer import Trainer
 
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps per variant per round")
@@ -86,7 +87,7 @@ def main(argv: list[str]) -> None:
     sizes = {}
     for k in (1, 8, 32):
         path = os.path.join(tmp, f"top{k}.npz")
-        sizes[k] = distillation.write_topk(writer, writer_params, "arith_dss", path, k=k)
+        sizes[k] = topk.write_topk(writer, writer_params, "arith_dss", path, k=k)
         print(f"top-{k}: {sizes[k]:.1f} bytes per target token", flush=True)
     batches = _batches(os.path.join(tmp, f"top{_K.value}.npz"), 4)
     variants = {

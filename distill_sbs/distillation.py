@@ -1,4 +1,6 @@
-"""Logit-level distillation: sources of the teacher's token distributions (docs/distillation.md).
+"""Logit-level distillation in the train step: the teacher's token distributions
+(docs/distillation.md). The offline side, scoring a teacher and writing its top-k file, is
+teachers/topk.py; the file and its batch features are data/topk.py.
 
 Two sources satisfy `trainer.Teacher` and run inside the jitted train step, once per (micro)batch:
 
@@ -7,7 +9,7 @@ Two sources satisfy `trainer.Teacher` and run inside the jitted train step, once
     OfflineTopK     the teacher's top-k log-probabilities per target token, saved with the records
                     (data/topk.py) and carried through packing as batch features
 
-`KD` is the gin-configurable choice of source and divergence terms; `training.train(kd=...)`
+`KD` is the gin-configurable choice of source and divergence terms; `train.train(kd=...)`
 turns it into the Trainer's teacher and `ObjectiveLoss` divergence fields, so that e.g.
 
     DatasetOptions.dss_alpha = 0.5      # 0.5 CE(label) + 0.5 CE(rationale)
@@ -23,7 +25,6 @@ from typing import Any
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from distill_sbs import partitioning
 from distill_sbs.data import topk as topk_store
@@ -176,123 +177,3 @@ def build_teacher(
             raise ValueError(f"KD.topk={kd.topk} is larger than the {store.k} stored in {path}")
         return OfflineTopK(kd.topk)
     return load_online_teacher(kd.teacher, student_vocab_size, partitioner, dtype=kd.teacher_dtype)
-
-
-def task_examples(mixture_or_task_name: str, split: str) -> list[dict[str, Any]]:
-    """Tokenized examples of every objective, as training reads them (untrimmed, unshuffled):
-    dicts with "id", "objective" (name), "inputs" and "targets" (int lists, EOS included) and
-    "inputs_text" / "targets_text" (the texts they were tokenized from, for a teacher server;
-    None where the task's tokenizer kept no `*_pretokenized` copy)."""
-    import seqio
-
-    from distill_sbs import data
-
-    names = [o.name for o in data.get_objectives(mixture_or_task_name)]
-    provider = seqio.get_mixture_or_task(mixture_or_task_name)
-    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
-    out = []
-    for task in tasks:
-        ds = task.get_dataset(
-            sequence_length={"inputs": 1 << 16, "targets": 1 << 16},
-            split=split,
-            shuffle=False,
-            num_epochs=1,
-            use_cached=False,
-        )
-        for ex in ds.as_numpy_iterator():
-            out.append(
-                {
-                    "id": ex["id"].decode(),
-                    "objective": names[int(ex["objective_id"][0])],
-                    "inputs": ex["inputs"].tolist(),
-                    "targets": ex["targets"].tolist(),
-                    "inputs_text": _text(ex.get("inputs_pretokenized")),
-                    "targets_text": _text(ex.get("targets_pretokenized")),
-                }
-            )
-    return out
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
-
-
-class TeacherForcedTopK:
-    """A T5's teacher-forced log_softmax (temperature 1) over given target tokens: per target
-    token, its own log-probability and the k most likely next tokens (ids, log-probs, best
-    first). Shared by `write_topk` and the server's scoring requests (serve/engine.py), so both
-    give the same numbers for the same tokens."""
-
-    def __init__(self, model: Any, params: Any, k: int) -> None:
-        vocab = model.config.vocab_size
-        if not 0 < k <= vocab:
-            raise ValueError(f"top-k: k={k} must be in [1, {vocab}]")
-        self.model, self.params, self.k = model, params, k
-
-        @jax.jit
-        def top(p: Any, enc: jax.Array, dec_in: jax.Array, tgt: jax.Array) -> tuple:
-            logp = jax.nn.log_softmax(model.logits(p, enc, dec_in), axis=-1)
-            lp, ids = jax.lax.top_k(logp, k)
-            return ids, lp, jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-
-        self._top = top
-
-    def __call__(
-        self, inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], rows: int = 0
-    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(top ids [T, k], top log-probs [T, k], target log-probs [T]) per (inputs, targets)
-        pair (EOS included in both); `rows` pads the batch to that many rows (fewer shapes)."""
-        pad_rows = max(rows - len(inputs), 0)
-        enc = _pad([*inputs, *[[1]] * pad_rows])
-        tgt = _pad([*targets, *[[1]] * pad_rows])
-        dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
-        ids, lp, token_lp = jax.device_get(self._top(self.params, enc, dec_in, tgt))
-        return [
-            (ids[r, : len(t)], lp[r, : len(t)], token_lp[r, : len(t)])
-            for r, t in enumerate(targets)
-        ]
-
-
-def write_topk(
-    model: Any,
-    params: Any,
-    mixture_or_task_name: str,
-    output: str,
-    *,
-    k: int,
-    split: str = "train",
-    batch_size: int = 32,
-) -> float:
-    """Scores every target token of a registered task's `split` with a local teacher (teacher
-    forcing, temperature 1) and saves its top-k log-probabilities (data/topk.py); returns the
-    file's bytes per target token."""
-    examples = task_examples(mixture_or_task_name, split)
-    scorer = TeacherForcedTopK(model, params, k)
-    entries = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        scored = scorer([e["inputs"] for e in chunk], [e["targets"] for e in chunk])
-        for e, (ids, lp, _) in zip(chunk, scored, strict=True):
-            entries.append((e["id"], e["objective"], e["targets"], ids, lp))
-    return save_topk(output, entries, model.config.vocab_size)
-
-
-def save_topk(
-    output: str,
-    entries: Sequence[tuple[str, str, Sequence[int], np.ndarray, np.ndarray]],
-    vocab_size: int,
-) -> float:
-    """Writes the (id, objective, targets, top ids, top log-probs) entries (data/topk.py) and
-    returns the file's bytes per target token: the one writer of local and server teachers."""
-    topk_store.save(output, entries, vocab_size)
-    return topk_store.bytes_per_token(output)
-
-
-def _pad(rows: Sequence[Sequence[int]], multiple: int = 16) -> np.ndarray:
-    """int32 [len(rows), L]: rows right-padded with 0 to a multiple of `multiple` (few shapes,
-    few compilations)."""
-    length = -(-max(len(r) for r in rows) // multiple) * multiple
-    out = np.zeros((len(rows), length), np.int32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out

@@ -16,6 +16,7 @@ from distill_sbs.data import topk as topk_store
 from distill_sbs.losses import ObjectiveLoss, distillation_divergence
 from distill_sbs.models import EncoderDecoderModel
 from distill_sbs.partitioning import create_partitioner
+from distill_sbs.teachers import topk
 from distill_sbs.trainer import Trainer
 
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.9)]
@@ -392,7 +393,7 @@ def test_saved_topk_through_the_feature_converter_matches_the_teacher(tmp_path):
     model = EncoderDecoderModel(tiny_config())
     params = model.init_params(jax.random.PRNGKey(3))
     path = str(tmp_path / "arith.topk.npz")
-    size = distillation.write_topk(model, params, "arith_dss", path, k=4, batch_size=64)
+    size = topk.write_topk(model, params, "arith_dss", path, k=4, batch_size=64)
     assert 4 * 2 * 2 + 2 <= size < 4 * 2 * 2 + 6  # uint16 ids, float16 log-probs, target, keys
     gin.bind_parameter("teacher_topk_path.path", path)
     try:

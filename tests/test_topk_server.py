@@ -1,7 +1,7 @@
 """Teacher-forced scoring in `python -m distill_sbs.serve` (completions with `echo`, `max_tokens:
 0`, `logprobs: k` and a `decoder_prompt`) checked against the model's own log_softmax, and the top-k
 file `python -m distill_sbs.annotate_topk --teacher_url=...` writes from it checked against
-`distillation.write_topk` run locally on the same checkpoint; bad input gives one clear error."""
+`teachers.topk.write_topk` run locally on the same checkpoint; bad input gives one clear error."""
 
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ def test_annotate_topk_from_the_server_equals_local_write_topk(
 ):
     import distill_sbs.tasks  # noqa: F401  registers arith
 
-    from distill_sbs import distillation
     from distill_sbs.data import topk
+    from distill_sbs.teachers import topk as topk_writer
 
     out = str(tmp_path / "server.topk.npz")
     cmd = [
@@ -133,7 +133,7 @@ def test_annotate_topk_from_the_server_equals_local_write_topk(
     assert "bytes per target token" in p.stdout
     local = str(tmp_path / "local.topk.npz")
     model, params = tiny_model
-    distillation.write_topk(model, params, "arith_dss", local, k=8, split="test")
+    topk_writer.write_topk(model, params, "arith_dss", local, k=8, split="test")
     a, b = topk.load(out), topk.load(local)
     assert a.keys == b.keys and len(a.keys) == 400 and a.vocab_size == b.vocab_size == 256
     np.testing.assert_array_equal(a.offsets, b.offsets)
@@ -151,7 +151,7 @@ def _config(url: str, **kw) -> HTTPConfig:
 def test_k_above_the_servers_max_is_one_error(server, tmp_path, monkeypatch):
     import distill_sbs.tasks  # noqa: F401
 
-    from distill_sbs.annotate_topk import write_topk_from_server
+    from distill_sbs.teachers.topk import write_topk_from_server
 
     monkeypatch.setenv(KEY_ENV, SECRET)
     with pytest.raises(RuntimeError, match=r"scoring examples .* failed: HTTP 400: .*'logprobs'"):
@@ -164,7 +164,7 @@ def test_server_errors_are_retried_then_one_error(tmp_path, monkeypatch):
     import distill_sbs.tasks  # noqa: F401
     from fakes import FakeGenerator, fault_server
 
-    from distill_sbs.annotate_topk import write_topk_from_server
+    from distill_sbs.teachers.topk import write_topk_from_server
 
     monkeypatch.setenv(KEY_ENV, SECRET)
     # A fake model cannot score: every request gets 500 from the plan before reaching it.
@@ -186,9 +186,9 @@ def test_mismatched_tokenizer_names_the_example(tmp_path, monkeypatch):
     from _shared_data import T5_VOCAB
 
     import distill_sbs
-    from distill_sbs.annotate_topk import ServerTopKError, write_topk_from_server
     from distill_sbs.generation import ModelGenerator
     from distill_sbs.serve import Server
+    from distill_sbs.teachers.topk import ServerTopKError, write_topk_from_server
 
     model, params = distill_sbs.load(save_tiny_checkpoint(str(tmp_path / "t5"), str(T5_VOCAB),
                                                 vocab_size=32128))  # fmt: skip

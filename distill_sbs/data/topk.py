@@ -1,4 +1,6 @@
-"""Saved teacher top-k log-probabilities per target token (offline logit distillation).
+"""Saved teacher top-k log-probabilities per target token (offline logit distillation): the file
+that teachers/topk.py writes and training reads, and the batch features it becomes (decoded in
+the train step by distillation.OfflineTopK).
 
 One `.npz` file per dataset split (numpy, uncompressed; `bytes_per_token` reports its size):
 
@@ -27,13 +29,14 @@ import numpy as np
 
 from distill_sbs import storage
 from distill_sbs.data.feature_converter import TOPK_EXAMPLE_FEATURES
+from distill_sbs.errors import UserError
 
 EXAMPLE_IDS, EXAMPLE_LOGPROBS = TOPK_EXAMPLE_FEATURES  # int32 [target length, k], encoded
 ID_FEATURE = TOPK_EXAMPLE_FEATURES[EXAMPLE_IDS]  # model features, int32 [batch, length * k]
 LOGPROB_FEATURE = TOPK_EXAMPLE_FEATURES[EXAMPLE_LOGPROBS]
 
 
-class TopKError(ValueError):
+class TopKError(UserError):
     """A top-k file that does not fit the records or holds invalid values."""
 
 

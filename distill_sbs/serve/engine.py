@@ -43,15 +43,15 @@ class Scorer:
     requests: both texts are tokenized as training tokenizes them (SentencePiece ids + EOS,
     never truncated: too long is an error), and each target token gets the model's log_softmax
     at its position (its own log-probability and the TOP_LOGPROBS_MAX best, sorted), the numbers
-    `distillation.write_topk` saves (the same `TeacherForcedTopK`)."""
+    `teachers.topk.write_topk` saves (the same `TeacherForcedTopK`)."""
 
     def __init__(self, model: Any, params: Any, max_input_length: int, max_batch_size: int):
-        from distill_sbs import distillation
+        from distill_sbs.teachers.topk import TeacherForcedTopK
 
         self.vocab = model.vocabulary
         self.max_input_length, self.max_batch_size = max_input_length, max_batch_size
         k = min(TOP_LOGPROBS_MAX, model.config.vocab_size)
-        self._topk = distillation.TeacherForcedTopK(model, params, k)
+        self._topk = TeacherForcedTopK(model, params, k)
 
     @classmethod
     def for_generator(cls, generator: Generator, max_batch_size: int) -> Scorer | None:
