@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from _shared_data import T5_VOCAB
-from test_network_util import (
+from _hf_t5 import (
     hf_generate,
     hf_logits,
     hf_state_dict,
     make_hf_model,
     random_tokens,
 )
+from _shared_data import T5_VOCAB
 
 import distill_sbs
 from distill_sbs import convert

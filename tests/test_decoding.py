@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from test_network_util import hf_generate, hf_state_dict, make_hf_model, random_tokens
+from _hf_t5 import hf_generate, hf_state_dict, make_hf_model, random_tokens
 
 from distill_sbs import convert
 from distill_sbs.models import EncoderDecoderModel

@@ -6,14 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _tiny_t5 import tiny_config
-from test_network_util import (
+from _hf_t5 import (
     VARIANTS,
     hf_logits,
     hf_state_dict,
     make_hf_model,
     random_tokens,
 )
+from _tiny_t5 import tiny_config
 
 from distill_sbs import convert
 from distill_sbs.models import EncoderDecoderModel

@@ -330,7 +330,7 @@ def test_corrupt_checkpoint_is_one_user_error_naming_the_path(tmp_path, capfd):
 
 
 def test_truncated_hf_weights_name_the_file(tmp_path):
-    from test_network_util import make_hf_model
+    from _hf_t5 import make_hf_model
 
     from distill_sbs import models
 

@@ -1,7 +1,4 @@
-"""Shared helpers for the network / decoding / conversion tests: tiny random HF T5 oracles.
-
-(Named test_* so that it belongs to the network tests; it holds no tests itself.)
-"""
+"""Shared helpers for the network / decoding / conversion tests: tiny random HF T5 oracles."""
 
 from __future__ import annotations
 

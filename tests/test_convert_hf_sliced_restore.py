@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import save_file
-from test_network_util import hf_state_dict, make_hf_model
+from _hf_t5 import hf_state_dict, make_hf_model
 
 from distill_sbs import convert
 from distill_sbs.models import EncoderDecoderModel
