@@ -57,63 +57,75 @@ METRICS_FILE = "train_metrics.jsonl"
 FINAL_METRICS_FILE = "final_metrics.json"
 
 
-@gin.configurable(denylist=["partitioner"])
-def train(
-    *,
-    model_dir: str = gin.REQUIRED,
-    mixture_or_task_name: str = gin.REQUIRED,
-    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-    train_steps: int = gin.REQUIRED,
-    batch_size: int = gin.REQUIRED,
-    model_config: T5Config | None = None,
-    initial_checkpoint_path: str | None = None,
-    pack: bool = True,
-    seed: int = 0,
-    num_microbatches: int = 1,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    log_period: int = 50,
-    checkpoint_period: int = 1000,
-    keep_checkpoints: int | None = 3,
-    async_checkpointing: bool = True,
-    eval_period: int = 0,
-    eval_split: str = "test",
-    eval_num_examples: int | None = None,
-    eval_batch_size: int = 32,
-    max_decode_length: int | None = None,
-    best_metric: str | None = None,
-    eval_at_end: bool = True,
-    eval_loss_batches: int = 0,
-    stop_after_steps: int | None = None,
-    kd: distillation.KD | None = None,
-    partitioner: partitioning.Partitioner | None = None,
-) -> dict[str, float]:
-    """Trains until `train_steps` (resuming from MODEL_DIR); returns the final metrics.
+@gin.configurable("train")
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A training run's options: the `train.*` gin parameters (runs/train.gin binds them to T5X's
+    macros) and the keyword arguments of `train`; what is not given comes from gin.
 
     stop_after_steps: end this process after that many steps (for tests and time-sliced jobs);
     a later run resumes from the final save. kd: logit distillation (distillation.KD), or None.
     eval_loss_batches: at each evaluation also report the teacher-forced loss and token accuracy
     per objective on that many batches of the eval split (0: predictions and metrics only).
     """
-    args = dict(locals())  # the arguments above, as one value the steps below read
-    partitioner = args.pop("partitioner") or partitioning.create_partitioner()
-    cfg = TrainConfig(**args)
+
+    model_dir: str = gin.REQUIRED
+    mixture_or_task_name: str = gin.REQUIRED
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED
+    train_steps: int = gin.REQUIRED
+    batch_size: int = gin.REQUIRED
+    model_config: T5Config | None = None
+    initial_checkpoint_path: str | None = None
+    pack: bool = True
+    seed: int = 0
+    num_microbatches: int = 1
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    log_period: int = 50
+    checkpoint_period: int = 1000
+    keep_checkpoints: int | None = 3
+    async_checkpointing: bool = True
+    eval_period: int = 0
+    eval_split: str = "test"
+    eval_num_examples: int | None = None
+    eval_batch_size: int = 32
+    max_decode_length: int | None = None
+    best_metric: str | None = None
+    eval_at_end: bool = True
+    eval_loss_batches: int = 0
+    stop_after_steps: int | None = None
+    kd: distillation.KD | None = None
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    partitioner: partitioning.Partitioner | None = None,
+    **options: Any,
+) -> dict[str, float]:
+    """Trains until `train_steps` (resuming from MODEL_DIR); returns the final metrics.
+
+    config: the run's options; without it they are `options` (TrainConfig's fields) over gin's
+    `train.*` bindings, e.g. `train(model_dir=..., mixture_or_task_name=...)`.
+    """
+    cfg = config if config is not None else TrainConfig(**options)
+    partitioner = partitioner or partitioning.create_partitioner()
     _hide_gpus_from_tensorflow()
     run = setup(cfg, partitioner)
     state, start_step, consumed = restore_state(run, cfg)
-    if start_step >= train_steps and (final := _final_metrics_of_finished_run(run)) is not None:
+    if start_step >= cfg.train_steps and (final := _final_metrics_of_finished_run(run)) is not None:
         return final  # rerun of a finished run: nothing to train, final_metrics.json stays
     drop_metrics_after(run.model_dir, start_step)  # a resume re-logs the steps after its checkpoint
     batches = train_batches(cfg, skip=consumed)
     writers = create_writers(run.model_dir)
     save_operative_config(run.model_dir, writers.train, start_step)
     periodic_eval = PeriodicEval(cfg, run, writers.eval)
-    end_step = (
-        train_steps if stop_after_steps is None else min(train_steps, start_step + stop_after_steps)
-    )
+    end_step = cfg.train_steps
+    if cfg.stop_after_steps is not None:
+        end_step = min(cfg.train_steps, start_step + cfg.stop_after_steps)
     progress = _ReportProgress(
-        num_train_steps=train_steps,
-        every_steps=log_period,
+        num_train_steps=cfg.train_steps,
+        every_steps=cfg.log_period,
         every_secs=None,  # log on fixed steps only, so the logged windows line up
         on_steps=[end_step],
         writer=writers.progress,
@@ -130,46 +142,15 @@ def train(
             train_summary = log_train(run, cfg, step, jax.device_get(acc), progress, writers.train)
             acc = None
         if run.ckpt.should_save(step) or step == end_step:
-            data_state = {"batches_consumed": consumed + step - start_step, "seed": seed}
+            data_state = {"batches_consumed": consumed + step - start_step, "seed": cfg.seed}
             force = step == end_step
             run.ckpt.save(step, state.params, state.opt_state, data_state, force=force)
-        if eval_period and step % eval_period == 0:
+        if cfg.eval_period and step % cfg.eval_period == 0:
             eval_metrics = periodic_eval(step, state.params)
-    if eval_at_end and step == train_steps and (not eval_period or step % eval_period):
+    at_end = step == cfg.train_steps and (not cfg.eval_period or step % cfg.eval_period)
+    if cfg.eval_at_end and at_end:
         eval_metrics = periodic_eval(step, state.params)
     return finish(run, writers, step, train_summary, eval_metrics)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """`train`'s arguments (see there), minus the partitioner."""
-
-    model_dir: str
-    mixture_or_task_name: str
-    task_feature_lengths: Mapping[str, int]
-    train_steps: int
-    batch_size: int
-    model_config: T5Config | None
-    initial_checkpoint_path: str | None
-    pack: bool
-    seed: int
-    num_microbatches: int
-    label_smoothing: float
-    z_loss: float
-    log_period: int
-    checkpoint_period: int
-    keep_checkpoints: int | None
-    async_checkpointing: bool
-    eval_period: int
-    eval_split: str
-    eval_num_examples: int | None
-    eval_batch_size: int
-    max_decode_length: int | None
-    best_metric: str | None
-    eval_at_end: bool
-    eval_loss_batches: int
-    stop_after_steps: int | None
-    kd: distillation.KD | None = None
 
 
 @dataclasses.dataclass
