@@ -21,7 +21,7 @@ import distill_sbs
 PACKAGE = pathlib.Path(distill_sbs.__file__).parent
 TASKS = pathlib.Path(importlib.util.find_spec("distill_sbs.tasks").origin).parent
 DOC = REPO / "docs" / "architecture.md"
-MODULE_COLUMN = 21  # of the layer block: "    6  launchers     sweep.py         grids of runs"
+MODULE_COLUMN = 21  # of the layer block: "    6  over runs     sweep.py         grids of runs"
 LONG = 80  # lines a function may have without `# long: <why>`
 
 
@@ -50,12 +50,15 @@ def read_layers(doc: str) -> list[set[str]]:
     )
     layers: dict[int, set[str]] = {}
     seen: set[str] = set()
+    current = None
     for line in section[start:end]:
         if number := re.match(r" {4}(\d+) ", line):
             current = layers.setdefault(int(number[1]), set())
         entry = line[MODULE_COLUMN:].split("  ")[0]
         if not entry or entry[0] == " " or line[MODULE_COLUMN - 1] != " ":
             continue  # prose
+        if current is None:
+            raise ValueError(f"{entry} is listed before the first layer's number")
         for path in entry.split(" "):
             module = _module_of_path(path)
             if module in seen:
