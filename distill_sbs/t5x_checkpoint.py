@@ -417,6 +417,16 @@ def read_params(
     return params
 
 
+def params_from_tree(target: Any) -> tuple[T5Config, dict[str, Any]]:
+    """(config, native params) of T5X parameters in memory (a T5X train state's `params`)."""
+    from flax.core import unfreeze
+
+    tree = {k: np.asarray(v) for k, v in _flatten(unfreeze(target))}
+    ckpt = T5XCheckpoint("<T5X parameters>", None, tree)
+    config = read_config(ckpt)
+    return config, read_params(ckpt, config)
+
+
 def default_vocabulary(config: T5Config) -> str | None:
     """The vocabulary a T5X checkpoint cannot name: gin's DatasetOptions.vocab_path or
     $DISTILL_SBS_VOCAB when set, else the packaged T5 vocabulary for an embedding with room for
