@@ -4,7 +4,8 @@ Upstream T5X (t5x.examples.t5 network, its Checkpointer) writes a T5 1.0 layout 
 T5 1.1 / Flan-T5 layout (untied, gated GELU), each in float32 and bfloat16, with Adafactor state
 and without optimizer state (an InferenceState). Then, in the same process:
 (a) distill_sbs.load on each T5X checkpoint, and on its t5x-to-native conversion, gives upstream
-    T5X's logits on fixed tokens within 1e-5 (T5X computing from the parameters it restores);
+    T5X's logits on fixed tokens (padded inputs; at the target tokens) within 1e-5, T5X computing
+    from the parameters it restores;
 (b) native-to-t5x of that conversion is restored by upstream `load_t5x_checkpoint` with the same
     values and dtype and the same logits, and by upstream's Checkpointer into an Adafactor train
     state (the INITIAL_CHECKPOINT_PATH route, optimizer state from scratch).
@@ -66,7 +67,10 @@ def ours(path):
     return model.config, np.asarray(model.logits(params, enc, dec))
 
 def diff(a, b):
-    return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+    # at the target tokens: T5X masks decoder padding by the targets, so its logits at padded
+    # positions (loss weight 0) are another computation
+    a, b = np.asarray(a, np.float32)[tgt > 0], np.asarray(b, np.float32)[tgt > 0]
+    return float(np.max(np.abs(a - b)))
 
 def leaves(tree):
     flat = jax.tree_util.tree_leaves_with_path(tree)
@@ -120,7 +124,7 @@ for layout, fields in LAYOUTS.items():
                 path=step_dir, fallback_state=fresh.state_dict())
             got = leaves(jax.tree.map(lambda x: np.asarray(x, np.float32), train.params))
             want = leaves(back32)
-            r["initial_checkpoint"] = max(diff(got[k], want[k]) for k in want)
+            r["initial_checkpoint"] = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
 print("RESULT " + json.dumps(result))
 """
 
