@@ -74,6 +74,12 @@ def main() -> None:
         importlib.import_module(F.module.value or "distill_sbs.tasks")
     except ImportError as e:
         raise UserError(f"--module {F.module.value}: {e}") from e
+    from distill_sbs import data
+
+    try:  # before a teacher is loaded
+        data.get_objectives(F.task.value)
+    except KeyError as e:
+        raise UserError(f"--task: {program.one_line(e)}") from e
     try:
         size = _write()
     except RuntimeError as e:  # a request that failed for good: the server is down or refuses

@@ -1,6 +1,7 @@
 """Issue 9 through the launchers: a user error is one line `error: ...` and exit status 2, the
 traceback only with DISTILL_SBS_DEBUG=1; the DSS release trains offline with no variable but
-DISTILL_SBS_DATA_DIR. Each check is one subprocess (5-10 s of start-up each)."""
+DISTILL_SBS_DATA_DIR. Issue 19: every program, gin-configured or not, keeps that contract
+(program.run), bad flags included. Each check is one subprocess (5-10 s of start-up each)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def _run(module, args, env, cwd, **extra_env):
 def _one_line_error(rc, stderr, message):
     assert rc == 2, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, stderr[-3000:]
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], stderr[-3000:]
+    assert sum(line.startswith("error:") for line in lines) == 1, stderr[-3000:]
 
 
 @pytest.fixture
@@ -133,3 +135,29 @@ def test_serve_refuses_a_checkpoint_without_vocabulary(tmp_path, env):
     assert rc != 0 and "Traceback" not in stderr, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "the checkpoint has no vocabulary" in last, stderr
+
+
+@pytest.mark.parametrize(
+    "module,args,message",
+    [
+        (
+            "convert",
+            ["hf-to-native", "--hf_dir", "/nonexistent", "--out", "/tmp/x"],
+            "/nonexistent/config.json: not found",
+        ),
+        ("convert", ["to-t5x", "--out", "/tmp/x"], "expected one command"),
+        ("serve", ["--checkpoint", "/nonexistent"], "/nonexistent: no such checkpoint directory"),
+        ("serve", [], "Flag --checkpoint must have a value"),
+        ("serve", ["--checkpoint", "/x", "--port", "eighty"], "flag --port=eighty"),
+        ("annotate", ["--input", "in.jsonl", "--output", "out.jsonl", "--api", "grpc"], "--api"),
+        ("annotate", ["--output", "out.jsonl"], "give exactly one of --input and --dataset"),
+        ("annotate_topk", ["--task=arith_dss", "--teacher=/x"], "--output is required"),
+        ("annotate_topk", ["--task=nosuch", "--teacher=/x", "--output=o"], "'nosuch' was not"),
+        ("data.report", ["--datasets=nosuch"], "dataset 'nosuch' is not registered"),
+        ("infer", ["--gin_file=runs/infer.gin", "positional"], "unexpected argument(s)"),
+        ("train", ["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
+    ],
+)
+def test_every_program_reports_a_user_error_in_one_line(module, args, message, tmp_path, env):
+    rc, stderr = _run(module, args, env, tmp_path)
+    _one_line_error(rc, stderr, message)
