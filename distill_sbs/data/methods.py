@@ -152,7 +152,7 @@ class TrainingMethod:
     mixture: bool  # a SeqIO mixture of one task per objective; else one task of one objective
     in_paper: bool = False  # in the Distilling Step-by-Step paper's grid (paper.METHODS)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
             raise ValueError(f"method name {self.name!r} must be letters, digits or '_'")
         where = f"method {self.name!r}"
