@@ -67,3 +67,30 @@ def test_local_backend_batches_requests_with_equal_params():
     backend.run(reqs, lambda r, c: got.__setitem__(r.key, c))
     assert len(model.calls) == 2 and sorted(got) == [f"k{i}" for i in range(6)]
     assert backend.stats.attempts == 6 and backend.stats.completion_tokens == 2 * (2 + 3 + 4)
+
+
+def test_a_failing_stream_callback_fails_its_own_call_only():
+    """Issue 21: an exception in the decoder's ordered host callback poisoned JAX's effect token,
+    so every later decode of the process failed too; now it stops the rows and is raised by the
+    generate call that met it."""
+    import jax
+    import pytest
+    import seqio
+    from _tiny_t5 import tiny_config
+
+    from distill_sbs.data.vocab import ARITH_SPM
+    from distill_sbs.models import EncoderDecoderModel
+
+    model = EncoderDecoderModel(tiny_config(), seqio.SentencePieceVocabulary(ARITH_SPM, 0))
+    gen = ModelGenerator(model, model.init_params(jax.random.PRNGKey(0)), max_input_length=16)
+    params = GenerationParams(max_tokens=4)
+
+    def gone(row, delta, token):
+        raise ConnectionError("the client went away")
+
+    with pytest.raises(ConnectionError, match="went away"):
+        gen.generate(["1 + 2 ="], params, on_token=gone)
+    deltas: list[str] = []
+    out = gen.generate(["1 + 2 ="], params, on_token=lambda r, d, t: deltas.append(d) or True)
+    assert out[0].text == "".join(deltas) == gen.generate(["1 + 2 ="], params)[0].text
+    assert out[0].completion_tokens == 4
