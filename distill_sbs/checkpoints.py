@@ -10,12 +10,27 @@ A *native checkpoint directory* is self-describing:
 A training MODEL_DIR holds the same config.json and spiece.model at its top, and one step directory
 per saved step, `MODEL_DIR/checkpoint_<step>/params` (plus optimizer and data state); loading a
 MODEL_DIR, or one of its step directories, gives that step's (or the latest step's) parameters.
+
+Storage faults, one policy for every program: each saved step (and native checkpoint) carries
+checksums.json, the size and SHA-256 of each of its files, written before orbax commits the step.
+A step is verified against it before anything is restored, so a truncated, garbled, missing or
+unreadable file is one `CorruptCheckpoint` line naming the file and the cause, never a config
+mismatch and never wrong numbers (orbax itself restores a garbled array chunk without noticing).
+Loading a MODEL_DIR, and resuming training, take the newest intact step and warn about each newer
+one they skip. A save that fails (full or read-only disk) is one `SaveFailed` line naming the path
+and the OS error; interrupted saves are removed when a CheckpointManager starts, saying so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import hashlib
+import json
+import logging as py_logging
 import re
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -30,6 +45,228 @@ VOCAB_FILE = "spiece.model"
 PARAMS_DIR = "params"
 STEP_PREFIX = "checkpoint"
 _STEP_DIR = re.compile(rf"^{STEP_PREFIX}_(\d+)$")
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage faults: checksums of a step's files, the one-line reports, orbax's noise kept quiet
+
+CHECKSUMS_FILE = "checksums.json"
+# orbax's bookkeeping, rewritten when it commits a step (after the checksums are written); a
+# restore does not read it
+_NOT_CHECKSUMMED = {CHECKSUMS_FILE, "_CHECKPOINT_METADATA", "commit_success.txt"}
+_TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint file that cannot be read; the message names it and the cause (corrupt,
+    truncated, missing, unreadable)."""
+
+
+class SaveFailed(UserError):
+    """A checkpoint that could not be written; the message names the path and the OS error."""
+
+
+def _files(directory: storage.Path) -> Iterator[tuple[str, storage.Path]]:
+    """(path relative to `directory`, path) of every file below it that the checksums cover."""
+    for child in sorted(directory.iterdir()):
+        if child.is_dir():
+            for rel, path in _files(child):
+                yield f"{child.name}/{rel}", path
+        elif child.name not in _NOT_CHECKSUMMED:
+            yield child.name, child
+
+
+def _digest(path: storage.Path) -> tuple[int, str]:
+    """(size, SHA-256) of a file, read in pieces."""
+    h, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while piece := f.read(1 << 20):
+            h.update(piece)
+            size += len(piece)
+    return size, h.hexdigest()
+
+
+def write_checksums(directory: storage.PathLike) -> None:
+    """Writes DIRECTORY/checksums.json: {"files": {relative path: [size, sha256]}}."""
+    root = storage.Path(directory)
+    files = {rel: list(_digest(path)) for rel, path in _files(root)}
+    record = {"files": files, "sha256": _record_digest(files)}
+    storage.write_json(storage.join(directory, CHECKSUMS_FILE), record)
+
+
+def _record_digest(files: dict[str, Any]) -> str:
+    """The record's own checksum: a garbled record is named as such, not as the file it lists."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def verify_checksums(directory: storage.PathLike) -> bool:
+    """Checks every file against DIRECTORY/checksums.json; False when there is none (a step saved
+    before checksums existed, or killed between orbax's commit and a synchronous save's record).
+    Raises CorruptCheckpoint naming the first file that is missing, truncated, corrupt or
+    unreadable."""
+    record = storage.Path(directory) / CHECKSUMS_FILE
+    if not record.exists():
+        return False
+    try:
+        value = storage.read_json(record)
+        files = value["files"]
+        if value["sha256"] != _record_digest(files):
+            raise ValueError("its own checksum differs")
+        expected = {str(k): (int(v[0]), str(v[1])) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CorruptCheckpoint(
+            f"{record}: corrupt (not a checksum record: {_os_reason(e)})"
+        ) from e
+    except OSError as e:
+        raise CorruptCheckpoint(f"{record}: unreadable ({_os_reason(e)})") from e
+    for rel, (size, sha) in sorted(expected.items()):
+        path = storage.Path(directory) / rel
+        try:
+            got_size, got_sha = _digest(path)
+        except FileNotFoundError as e:
+            raise CorruptCheckpoint(f"{path}: missing") from e
+        except OSError as e:
+            raise CorruptCheckpoint(f"{path}: unreadable ({_os_reason(e)})") from e
+        if got_size < size:
+            raise CorruptCheckpoint(f"{path}: truncated ({got_size} of {size} bytes)")
+        if (got_size, got_sha) != (size, sha):
+            raise CorruptCheckpoint(f"{path}: corrupt (its checksum differs from the saved one)")
+    return True
+
+
+def _os_reason(e: BaseException) -> str:
+    """The OS error behind `e` (an OSError, or one in its chain or in tensorstore's message), else
+    its message on one line."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"[Errno {seen.errno}] {seen.strerror}"
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e).split())
+    m = re.search(r"\[OS error(?: \d+)?: ([^\]]+)\]", text)
+    if m:
+        return m.group(1).strip()
+    for known in ("No space left on device", "Read-only file system", "Permission denied"):
+        if known in text:
+            return known
+    return text[:200]
+
+
+# tensorstore's status codes of a file that is there but cannot be read as written, and what
+# they mean for the file
+_READ_FAULTS = (
+    ("NOT_FOUND", "missing"),
+    ("OUT_OF_RANGE", "truncated"),
+    ("DATA_LOSS", "corrupt"),
+    ("JSONDecodeError", "corrupt"),
+)
+
+
+def _read_fault(directory: str, e: BaseException) -> CorruptCheckpoint | None:
+    """The CorruptCheckpoint a failed restore of an unverified step amounts to, or None when the
+    failure is not about reading files (a different model or optimizer)."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(" ".join(f"{type(x).__name__}: {x}".split()) for x in chain)
+    for code, cause in _READ_FAULTS:
+        if code in text:
+            files = re.findall(r'(?:local )?file "([^"]+)"', text)
+            where = files[-1] if files else directory
+            if isinstance(chain[-1], FileNotFoundError) and chain[-1].filename:
+                where = chain[-1].filename
+            return CorruptCheckpoint(f"{where}: {cause} ({_os_reason(chain[-1])[:160]})")
+    if any(isinstance(x, FileNotFoundError) for x in chain):
+        missing = next(x for x in chain if isinstance(x, FileNotFoundError))
+        return CorruptCheckpoint(f"{missing.filename or directory}: missing")
+    if any(isinstance(x, OSError) for x in chain):
+        return CorruptCheckpoint(f"{directory}: unreadable ({_os_reason(e)})")
+    if "Encountered error while reading array" in text:
+        return CorruptCheckpoint(f"{directory}: corrupt (an array cannot be read)")
+    return None
+
+
+class _OrbaxQuiet(py_logging.Filter):
+    """orbax reports a failed background save only in its log (tracebacks from its threads), and
+    asyncio logs each read of a failed restore it never awaited: those records are kept here
+    (the first save error becomes our one line) instead of printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        from_orbax = "orbax" in record.pathname or record.name == "asyncio"
+        if not from_orbax or record.levelno < py_logging.ERROR:
+            return True
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+        elif "exception" in getattr(record, "__dict__", {}):  # asyncio's context
+            self.errors.append(record.__dict__["exception"])
+        return _debug()
+
+
+def _debug() -> bool:
+    import os
+
+    from distill_sbs.errors import DEBUG_ENV
+
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+class _quiet_orbax:  # noqa: N801 - used as a context manager, like contextlib's
+    """Installs an _OrbaxQuiet on the absl and asyncio loggers while active."""
+
+    def __init__(self) -> None:
+        self.filter = _OrbaxQuiet()
+
+    def __enter__(self) -> _OrbaxQuiet:
+        for name in ("absl", "asyncio"):
+            py_logging.getLogger(name).addFilter(self.filter)
+        return self.filter
+
+    def __exit__(self, *exc: object) -> None:
+        gc.collect()  # the never-awaited futures of a failed restore log when collected
+        for name in ("absl", "asyncio"):
+            py_logging.getLogger(name).removeFilter(self.filter)
+
+
+def _restore_step(directory: str, restore: Callable[[], Any]) -> Any:
+    """restore() of a step or native checkpoint whose checksums are in `directory`, integrity
+    first: checksums when it has them, else a failed read is told apart from a different model
+    by tensorstore's status. Raises CorruptCheckpoint, or UserError when the files are intact
+    but do not fit."""
+    verified = verify_checksums(directory)
+    with _quiet_orbax():
+        try:
+            return restore()
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception
+            fault = None if verified else _read_fault(directory, e)
+            if fault is not None:
+                raise fault from e
+            cause = " ".join(str(e.__cause__ or e).split())[:300]
+            raise UserError(
+                f"{directory}: does not match the model/optimizer being restored (different "
+                f"config or optimizer?): {cause}"
+            ) from e
+
+
+def _remove_interrupted_saves(directory: str) -> None:
+    """Removes the step directories of saves that never committed (orbax's temporary
+    `checkpoint_<step>.orbax-checkpoint-tmp-*`, or on GCS a step without its commit marker),
+    saying so: a later save of the same step would otherwise collide with them."""
+    for name in storage.listdir(directory):
+        m = _STEP_NAME.match(name)
+        if not m:
+            continue
+        path = storage.Path(directory) / name
+        interrupted = _TMP_MARK in (m.group(2) or "")
+        if m.group(2) is None and not ocp.step.is_path_finalized(path):
+            interrupted = True
+        if interrupted and path.is_dir():
+            path.rmtree()
+            logging.warning("%s: removed (a save that was interrupted before it committed)", path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +324,19 @@ def save_native(
     extra_ids: int = 100,
 ) -> None:
     """Saves a self-describing native checkpoint (config, vocabulary, parameters)."""
-    write_model_description(directory, config, vocab_file, extra_ids)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(storage.join(storage.resolve(directory), PARAMS_DIR), params, force=True)
-    checkpointer.wait_until_finished()
+    try:
+        write_model_description(directory, config, vocab_file, extra_ids)
+        params_dir = storage.join(storage.resolve(directory), PARAMS_DIR)
+        with _quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(params_dir, params, force=True)
+            checkpointer.wait_until_finished()
+        write_checksums(params_dir)
+    except OSError as e:
+        raise SaveFailed(f"{directory}: cannot be written ({_os_reason(e)})") from e
+    except ValueError as e:  # tensorstore's write errors
+        if isinstance(e, UserError):
+            raise
+        raise SaveFailed(f"{directory}: cannot be written ({_os_reason(e)})") from e
 
 
 # checkpoint_<step>, or the same name with orbax's ".orbax-checkpoint-tmp-<time>" of a save that
@@ -162,24 +408,63 @@ def load_native(directory: str, abstract_params: Any = None) -> NativeCheckpoint
                 f"{directory}: {what} (expected '{PARAMS_DIR}/' or committed "
                 f"'{STEP_PREFIX}_<step>/' directories)"
             )
-        step = max(steps)
-        described, params_dir = directory, steps[step]
+        config, vocab_file, extra_ids = read_model_description(directory)
+
+        def restore_params(step: int) -> Any:
+            return _restore_params(storage.join(steps[step], PARAMS_DIR), abstract_params)
+
+        step, params = newest_intact(directory, sorted(steps), restore_params)
+        return NativeCheckpoint(config, params, vocab_file, extra_ids, step)
     config, vocab_file, extra_ids = read_model_description(described)
-    params_path = storage.join(params_dir, PARAMS_DIR)
+    params = _restore_params(storage.join(params_dir, PARAMS_DIR), abstract_params)
+    return NativeCheckpoint(config, params, vocab_file, extra_ids, step)
+
+
+def _restore_params(params_path: str, abstract_params: Any) -> Any:
+    """The parameters of an orbax params/ directory, integrity first (CorruptCheckpoint)."""
     if not ocp.step.is_path_finalized(params_path):  # e.g. no commit_success.txt on GCS
         raise UserError(
             f"{params_path}: incomplete parameters (orbax never committed them; an interrupted "
             "save or a partial copy)"
         )
-    try:
-        params = ocp.StandardCheckpointer().restore(params_path, abstract_params)
-    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception for bad files
-        cause = " ".join(str(e.__cause__ or e).split())
-        raise UserError(
-            f"{params_path}: cannot be restored; a corrupt or partial copy, or parameters of "
-            f"another model? ({cause[:300]})"
-        ) from e
-    return NativeCheckpoint(config, params, vocab_file, extra_ids, step)
+    # A step's checksums cover all its items; a native checkpoint's cover params/ alone.
+    parent = storage.Path(params_path).parent
+    checked = str(parent) if is_step_dir(parent) else params_path
+
+    def restore() -> Any:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(params_path, abstract_params)
+
+    return _restore_step(checked, restore)
+
+
+def newest_intact(directory: str, steps: list[int], restore: Callable[[int], Any]) -> Any:
+    """(step, restore(step)) of the newest step whose restore raises no CorruptCheckpoint; each
+    newer one is named in a warning. None when there are no steps; CorruptCheckpoint when none
+    is intact (never a silent fresh start)."""
+    faults: list[str] = []
+    for step in sorted(steps, reverse=True):
+        try:
+            out = restore(step)
+        except CorruptCheckpoint as e:
+            faults.append(str(e))
+            logging.warning("skipping %s_%d: %s", STEP_PREFIX, step, e)
+            continue
+        if faults:
+            logging.warning(
+                "%s: using %s_%d, the newest intact step; skipped %d newer unreadable step(s)",
+                directory,
+                STEP_PREFIX,
+                step,
+                len(faults),
+            )
+        return step, out
+    if faults:
+        raise CorruptCheckpoint(
+            f"{faults[0]} (and no older intact step in {directory}"
+            + (f": {len(faults) - 1} more unreadable)" if len(faults) > 1 else ")")
+        )
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,41 +499,112 @@ class CheckpointManager:
     ) -> None:
         self.model_dir = storage.resolve(model_dir)
         self.save_interval_steps = save_interval_steps
-        if config is not None and jax_process_index() == 0:
-            write_model_description(self.model_dir, config, vocab_file, extra_ids)
-        self._manager = ocp.CheckpointManager(
-            self.model_dir,
-            options=ocp.CheckpointManagerOptions(
-                step_prefix=STEP_PREFIX,
-                max_to_keep=max_to_keep,
-                # We decide when to save (periodic + final); orbax only enforces retention.
-                save_interval_steps=1,
-                enable_async_checkpointing=async_save,
-            ),
-        )
+        self._async = async_save
+        # orbax's save errors (and its tracebacks) are collected here for the run's lifetime
+        self._quiet = _quiet_orbax()
+        self._errors = self._quiet.__enter__().errors
+        self._saving: dict[str, int] = {}  # directory -> the step its save in flight writes
         self.best_metric = best_metric
         self._best = None
-        if best_metric is not None:
-            best_dir = storage.join(self.model_dir, BEST_DIR)
-            if config is not None and jax_process_index() == 0:
-                write_model_description(best_dir, config, vocab_file, extra_ids)
-            self._best = ocp.CheckpointManager(
-                best_dir,
-                options=ocp.CheckpointManagerOptions(
+        best_dir = storage.join(self.model_dir, BEST_DIR)
+        try:
+            if jax_process_index() == 0:
+                if config is not None:
+                    write_model_description(self.model_dir, config, vocab_file, extra_ids)
+                _remove_interrupted_saves(self.model_dir)
+                if best_metric is not None:
+                    if config is not None:
+                        write_model_description(best_dir, config, vocab_file, extra_ids)
+                    _remove_interrupted_saves(best_dir)
+            self._manager = self._orbax_manager(
+                self.model_dir, step_prefix=STEP_PREFIX, max_to_keep=max_to_keep
+            )
+            if best_metric is not None:
+                self._best = self._orbax_manager(
+                    best_dir,
                     step_prefix=STEP_PREFIX,
                     max_to_keep=1,
                     best_fn=lambda m: float(m[best_metric]),
                     best_mode=best_mode,
                     keep_checkpoints_without_metrics=False,
-                    enable_async_checkpointing=async_save,
-                ),
+                )
+        except (OSError, ValueError) as e:
+            self._quiet.__exit__()
+            if isinstance(e, (UserError, FileNotFoundError, PermissionError)):
+                raise
+            raise SaveFailed(f"{self.model_dir}: cannot be written ({_os_reason(e)})") from e
+
+    def _orbax_manager(self, directory: str, **options: Any) -> ocp.CheckpointManager:
+        """An orbax manager of `directory` that writes each step's checksums just before it
+        commits the step (asynchronous saves; synchronous ones write them after `save`)."""
+        async_options = None
+        if self._async:
+            async_options = ocp.AsyncOptions(
+                post_finalization_callback=lambda: self._write_checksums(directory)
             )
+        return ocp.CheckpointManager(
+            directory,
+            options=ocp.CheckpointManagerOptions(
+                # We decide when to save (periodic + final); orbax only enforces retention.
+                save_interval_steps=1,
+                enable_async_checkpointing=self._async,
+                async_options=async_options,
+                **options,
+            ),
+        )
+
+    def _write_checksums(self, directory: str) -> None:
+        """Checksums of the step being saved in `directory`, in its temporary directory when
+        orbax renames at commit (local disks), else in the step directory itself (GCS)."""
+        step = self._saving.get(directory)
+        if step is None or jax_process_index() != 0:
+            return
+        name = f"{STEP_PREFIX}_{step}"
+        found = [n for n in storage.listdir(directory) if n.startswith(name + _TMP_MARK)]
+        write_checksums(storage.join(directory, found[-1] if found else name))
 
     def latest_step(self) -> int | None:
         """The newest committed step (orbax's test); newer uncommitted ones are named in a
         warning by step_dirs."""
         step_dirs(self.model_dir)  # warns about the skipped ones
         return self._manager.latest_step()
+
+    def step_dir(self, step: int) -> str:
+        return storage.join(self.model_dir, f"{STEP_PREFIX}_{step}")
+
+    def check(self) -> None:
+        """Raises SaveFailed (path and OS error) as soon as a background save has failed, so the
+        run stops at once rather than at its next save."""
+        if self._errors:
+            self._raise_save_failed(self._errors[0])
+
+    def _raise_save_failed(self, error: BaseException) -> None:
+        step = self._saving.get(self.model_dir)
+        where = self.step_dir(step) if step is not None else self.model_dir
+        raise SaveFailed(f"{where}: the checkpoint cannot be written ({_os_reason(error)})") from (
+            error
+        )
+
+    def _save(self, manager: ocp.CheckpointManager, step: int, **kwargs: Any) -> bool:
+        """manager.save, one line when it fails; a synchronous save's checksums after it."""
+        directory = str(manager.directory)
+        self.check()
+        # orbax would wait for the save in flight anyway; before `step` is set for its callback
+        self._wait(manager)
+        self._saving[directory] = step
+        try:
+            saved = manager.save(step, **kwargs)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise bare Exception
+            if isinstance(e, UserError):
+                raise
+            self._raise_save_failed(e)
+        self.check()
+        if saved and not self._async and jax_process_index() == 0:
+            try:
+                write_checksums(storage.join(directory, f"{STEP_PREFIX}_{step}"))
+            except OSError as e:
+                self._raise_save_failed(e)
+        return saved
 
     def should_save(self, step: int) -> bool:
         return self.save_interval_steps > 0 and step % self.save_interval_steps == 0
@@ -266,7 +622,8 @@ class CheckpointManager:
             return False
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(
+        return self._save(
+            self._manager,
             step,
             args=ocp.args.Composite(
                 **{
@@ -281,9 +638,11 @@ class CheckpointManager:
     def restore(
         self, step: int, abstract_params: Any, abstract_opt_state: Any
     ) -> tuple[Any, Any, dict[str, Any]]:
-        """Restores (params, opt_state, data_state) of `step`, sharded as the abstract trees say."""
-        try:
-            out = self._manager.restore(
+        """Restores (params, opt_state, data_state) of `step`, sharded as the abstract trees say;
+        its files are verified first (CorruptCheckpoint), then matched against the trees."""
+
+        def restore() -> Any:
+            return self._manager.restore(
                 step,
                 args=ocp.args.Composite(
                     **{
@@ -293,12 +652,37 @@ class CheckpointManager:
                     }
                 ),
             )
-        except (ValueError, KeyError) as e:
-            raise ValueError(
-                f"{self.model_dir}/{STEP_PREFIX}_{step}: does not match the model/optimizer being "
-                f"trained (different config or optimizer?): {e}"
-            ) from e
-        return out[PARAMS_DIR], out[OPT_STATE_DIR], dict(out[DATA_STATE_DIR])
+
+        out = _restore_step(self.step_dir(step), restore)
+        data_state = out[DATA_STATE_DIR]
+        if not isinstance(data_state, dict) or "batches_consumed" not in data_state:
+            path = storage.join(self.step_dir(step), DATA_STATE_DIR)
+            raise CorruptCheckpoint(f"{path}: corrupt (no batches_consumed)")
+        return out[PARAMS_DIR], out[OPT_STATE_DIR], dict(data_state)
+
+    def restore_newest(
+        self, abstract_params: Any, abstract_opt_state: Any
+    ) -> tuple[int, Any, Any, dict[str, Any]] | None:
+        """(step, params, opt_state, data_state) of the newest intact step, None when there is
+        none. Each newer unreadable step is named in a warning and moved aside to
+        MODEL_DIR/corrupt/ (kept for inspection; the resumed run saves that step again)."""
+        steps = sorted(self._manager.all_steps())
+        found = newest_intact(
+            self.model_dir, steps, lambda s: self.restore(s, abstract_params, abstract_opt_state)
+        )
+        if found is None:
+            return None
+        step, (params, opt_state, data_state) = found
+        newer = [s for s in steps if s > step]
+        if newer and jax_process_index() == 0:
+            aside = storage.Path(self.model_dir) / "corrupt"
+            aside.mkdir(parents=True, exist_ok=True)
+            for s in newer:
+                target = aside / f"{STEP_PREFIX}_{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+                storage.Path(self.step_dir(s)).rename(target)
+                logging.warning("moved %s aside to %s", self.step_dir(s), target)
+            self._manager.reload()
+        return step, params, opt_state, data_state
 
     def save_best(self, step: int, params: Any, metrics: dict[str, float]) -> None:
         """Offers `params` at `step` as the best checkpoint; kept if its metric is the best."""
@@ -306,21 +690,39 @@ class CheckpointManager:
             return
         if step in self._best.all_steps():
             return
-        self._best.save(
+        self._save(
+            self._best,
             step,
             args=ocp.args.Composite(**{PARAMS_DIR: ocp.args.StandardSave(params)}),
             metrics={self.best_metric: float(metrics[self.best_metric])},
         )
 
     def wait_until_finished(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the saves in flight; SaveFailed if one failed."""
+        self._wait(self._manager)
         if self._best is not None:
-            self._best.wait_until_finished()
+            self._wait(self._best)
+
+    def _wait(self, manager: ocp.CheckpointManager) -> None:
+        try:
+            manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - orbax re-raises its thread's error as is
+            self._raise_save_failed(e)
+        self.check()
 
     def close(self) -> None:
-        self._manager.close()
-        if self._best is not None:
-            self._best.close()
+        """Waits for the saves in flight and stops orbax's threads (left running, they print
+        "sys.meta_path is None" noise at exit); SaveFailed if a save failed."""
+        try:
+            self.wait_until_finished()
+        finally:
+            try:
+                self._manager.close()
+                if self._best is not None:
+                    self._best.close()
+            except Exception:  # noqa: BLE001 - the save's own error is the one to report
+                pass
+            self._quiet.__exit__()
 
 
 def jax_process_index() -> int:
