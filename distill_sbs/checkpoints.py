@@ -23,6 +23,8 @@ and the OS error; interrupted saves are removed when a CheckpointManager starts,
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import gc
 import hashlib
@@ -250,6 +252,24 @@ def _restore_step(directory: str, restore: Callable[[], Any]) -> Any:
                 f"{directory}: does not match the model/optimizer being restored (different "
                 f"config or optimizer?): {cause}"
             ) from e
+
+
+def _move_tree(src: str, dst: str) -> None:
+    """Moves a directory: a rename on a file system, a copy then delete on an object store."""
+    if not storage.is_remote(src):
+        storage.makedirs(storage.Path(dst).parent)
+        storage.Path(src).rename(dst)
+        return
+
+    def walk(d: storage.Path, rel: str) -> None:
+        for child in d.iterdir():
+            if child.is_dir():
+                walk(child, f"{rel}{child.name}/")
+            else:
+                storage.copy(child, storage.join(dst, rel + child.name))
+
+    walk(storage.Path(src), "")
+    storage.Path(src).rmtree()
 
 
 def _remove_interrupted_saves(directory: str) -> None:
@@ -504,6 +524,7 @@ class CheckpointManager:
         self._quiet = _quiet_orbax()
         self._errors = self._quiet.__enter__().errors
         self._saving: dict[str, int] = {}  # directory -> the step its save in flight writes
+        self._closed = False
         self.best_metric = best_metric
         self._best = None
         best_dir = storage.join(self.model_dir, BEST_DIR)
@@ -533,6 +554,13 @@ class CheckpointManager:
             if isinstance(e, (UserError, FileNotFoundError, PermissionError)):
                 raise
             raise SaveFailed(f"{self.model_dir}: cannot be written ({_os_reason(e)})") from e
+        # A run that stops on an error still stops orbax's threads before the interpreter
+        # shuts down (else: "sys.meta_path is None" and "Event loop is closed" noise).
+        atexit.register(self._close_quietly)
+
+    def _close_quietly(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     def _orbax_manager(self, directory: str, **options: Any) -> ocp.CheckpointManager:
         """An orbax manager of `directory` that writes each step's checksums just before it
@@ -675,11 +703,10 @@ class CheckpointManager:
         step, (params, opt_state, data_state) = found
         newer = [s for s in steps if s > step]
         if newer and jax_process_index() == 0:
-            aside = storage.Path(self.model_dir) / "corrupt"
-            aside.mkdir(parents=True, exist_ok=True)
+            aside = storage.join(self.model_dir, "corrupt")
             for s in newer:
-                target = aside / f"{STEP_PREFIX}_{s}-{time.strftime('%Y%m%d-%H%M%S')}"
-                storage.Path(self.step_dir(s)).rename(target)
+                target = storage.join(aside, f"{STEP_PREFIX}_{s}-{time.strftime('%Y%m%d-%H%M%S')}")
+                _move_tree(self.step_dir(s), target)
                 logging.warning("moved %s aside to %s", self.step_dir(s), target)
             self._manager.reload()
         return step, params, opt_state, data_state
@@ -713,6 +740,9 @@ class CheckpointManager:
     def close(self) -> None:
         """Waits for the saves in flight and stops orbax's threads (left running, they print
         "sys.meta_path is None" noise at exit); SaveFailed if a save failed."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.wait_until_finished()
         finally:

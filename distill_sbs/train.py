@@ -112,9 +112,9 @@ def train(
     partitioner = partitioner or partitioning.create_partitioner()
     _hide_gpus_from_tensorflow()
     run = setup(cfg, partitioner)
+    if (final := _final_metrics_of_finished_run(run, cfg.train_steps)) is not None:
+        return final  # rerun of a finished run: nothing to restore or train
     state, start_step, consumed = restore_state(run, cfg)
-    if start_step >= cfg.train_steps and (final := _final_metrics_of_finished_run(run)) is not None:
-        return final  # rerun of a finished run: nothing to train, final_metrics.json stays
     drop_metrics_after(run.model_dir, start_step)  # a resume re-logs the steps after its checkpoint
     batches = train_batches(cfg, skip=consumed)
     writers = create_writers(run.model_dir)
@@ -138,6 +138,7 @@ def train(
         host_batch = next(batches)
         progress.throughput.add(host_batch)
         state, acc = train_iteration(run, state, host_batch, acc)
+        run.ckpt.check()  # a background save that failed stops the run now, not a save later
         if progress(step):  # every log_period steps and at end_step
             train_summary = log_train(run, cfg, step, jax.device_get(acc), progress, writers.train)
             acc = None
@@ -148,6 +149,7 @@ def train(
         if cfg.eval_period and step % cfg.eval_period == 0:
             eval_metrics = periodic_eval(step, state.params)
     at_end = step == cfg.train_steps and (not cfg.eval_period or step % cfg.eval_period)
+    at_end = at_end or start_step == cfg.train_steps  # a rerun repairing final_metrics.json
     if cfg.eval_at_end and at_end:
         eval_metrics = periodic_eval(step, state.params)
     return finish(run, writers, step, train_summary, eval_metrics)
@@ -256,11 +258,9 @@ def restore_state(run: Run, cfg: TrainConfig) -> tuple[TrainState, int, int]:
     """(state, its step, batches already consumed) from MODEL_DIR's latest checkpoint, else from
     INITIAL_CHECKPOINT_PATH (step 0), else freshly initialised from the seed."""
     abstract, shardings = run.trainer.abstract_state()
-    latest = run.ckpt.latest_step()
-    if latest is not None:
-        params, opt_state, data_state = run.ckpt.restore(
-            latest, abstract.params, abstract.opt_state
-        )
+    newest = run.ckpt.restore_newest(abstract.params, abstract.opt_state)  # intact, with warnings
+    if newest is not None:
+        latest, params, opt_state, data_state = newest
         step = jax.device_put(jnp.asarray(latest, jnp.int32), shardings.step)
         print(f"resumed from {run.model_dir}/{checkpoints.STEP_PREFIX}_{latest}")
         state = TrainState(step=step, params=params, opt_state=opt_state)
@@ -550,13 +550,17 @@ class PeriodicEval:
         return {f"eval_loss/{k}": v for k, v in out.items()}
 
 
-def _final_metrics_of_finished_run(run: Run) -> dict[str, float] | None:
-    """The final metrics a finished run wrote (None if it wrote none); closes the checkpoints."""
+def _final_metrics_of_finished_run(run: Run, train_steps: int) -> dict[str, float] | None:
+    """The final metrics a run that finished `train_steps` wrote (None if it wrote none); closes
+    the checkpoints. Checked before anything is restored: a finished run's checkpoints are not
+    read (a corrupt one does not matter)."""
     path = storage.join(run.model_dir, FINAL_METRICS_FILE)
     if not storage.exists(path):
         return None
-    run.ckpt.close()
     final = storage.read_json(path)
+    if int(final.get("step", -1)) < train_steps:
+        return None  # TRAIN_STEPS raised since: the run goes on
+    run.ckpt.close()
     print(f"{run.model_dir} has finished training (step {final.get('step')}): see {path}")
     return {k: v for k, v in final.items() if k != "step"}
 
@@ -602,6 +606,7 @@ def finish(
     run.ckpt.close()
     writers.train.close()
     writers.eval.close()
+    train_summary = train_summary or logged_summary(run.model_dir, step)  # a rerun's repair
     final = {**{f"train/{k}": v for k, v in train_summary.items()}, **eval_metrics}
     if jax.process_index() == 0:
         storage.write_json(storage.join(run.model_dir, FINAL_METRICS_FILE), {"step": step, **final})
@@ -609,6 +614,17 @@ def finish(
         for k, v in sorted(final.items()):
             print(f"  {k}: {v:.4f}")
     return final
+
+
+def logged_summary(model_dir: str, step: int) -> dict[str, float]:
+    """The train summary train_metrics.jsonl holds for `step` ({} if none): what a run killed
+    after its last checkpoint but before final_metrics.json logged, for the rerun to repair it."""
+    path = storage.join(model_dir, METRICS_FILE)
+    if not storage.exists(path):
+        return {}
+    rows = [json.loads(ln) for ln in storage.read_text(path).splitlines() if ln.strip()]
+    row = next((r for r in reversed(rows) if r.get("step") == step), {})
+    return {k: v for k, v in row.items() if k != "step"}
 
 
 def _train() -> None:

@@ -12,18 +12,21 @@ would not stop root).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import subprocess
+import sys
 
 import jax
 import numpy as np
 import optax
 import pytest
 from _tiny_t5 import tiny_config
+from test_gcs import BUCKET, gcs  # noqa: F401 - the emulator fixture
 
-from distill_sbs import checkpoints
+from distill_sbs import checkpoints, storage
 from distill_sbs.errors import UserError
 
 SMALL = tiny_config()
@@ -310,3 +313,231 @@ def test_read_only_model_dir_is_one_line(two_steps, tmp_path):
         with pytest.raises(checkpoints.SaveFailed) as e:
             checkpoints.CheckpointManager(ro, config=SMALL)
     assert str(e.value) == f"{ro}: cannot be written ([Errno 30] Read-only file system)"
+
+
+# --------------------------------------------------------------------------------------------------
+# The programs: one line and exit 2, resumes with the losses of an uninterrupted run, no noise
+
+TINY = [
+    "--gin_file=runs/train.gin",
+    "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 80}",
+    "--gin.BATCH_SIZE=8",
+    "--gin.CHECKPOINT_PERIOD=4",
+    "--gin.LOG_PERIOD=1",
+    "--gin.DROPOUT_RATE=0.1",
+    "--gin.OPTIMIZER='adamw'",
+    "--gin.train.eval_at_end=False",
+    "--gin.EVAL_PERIOD=0",
+    "--gin.T5Config.vocab_size=256",
+    "--gin.T5Config.emb_dim=16",
+    "--gin.T5Config.num_heads=2",
+    "--gin.T5Config.head_dim=8",
+    "--gin.T5Config.mlp_dim=32",
+    "--gin.T5Config.num_encoder_layers=1",
+    "--gin.T5Config.num_decoder_layers=1",
+]
+STEPS = 12
+NOISE = ("Traceback", "sys.meta_path is None", "Event loop is closed", "Exception ignored")
+
+
+def _train(model_dir: str, env: dict[str, str], steps: int = STEPS) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "distill_sbs.train", *TINY, f"--gin.TRAIN_STEPS={steps}"]
+    cmd.append(f"--gin.MODEL_DIR='{model_dir}'")
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _env(subprocess_env: dict[str, str]) -> dict[str, str]:
+    return dict(subprocess_env, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _losses(model_dir: str) -> dict[int, float]:
+    rows = [json.loads(ln) for ln in open(os.path.join(model_dir, "train_metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _quiet(proc: subprocess.CompletedProcess) -> None:
+    """No traceback and none of orbax's shutdown noise, on either stream."""
+    for noise in NOISE:
+        assert noise not in proc.stdout + proc.stderr, (noise, proc.stderr[-3000:])
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The run's `error:` line: exit 2, exactly one such line, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    _quiet(proc)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, subprocess_env):
+    """One uninterrupted run of STEPS steps (checkpoints 4, 8, 12), copied by each test."""
+    model_dir = str(tmp_path_factory.mktemp("finished") / "run")
+    proc = _train(model_dir, _env(subprocess_env))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _quiet(proc)
+    return model_dir
+
+
+def _copy(finished: str, dest: str) -> str:
+    shutil.copytree(finished, dest)
+    return dest
+
+
+def _largest(directory: str) -> str:
+    return max(
+        (os.path.join(d, n) for d, _, names in os.walk(directory) for n in names),
+        key=os.path.getsize,
+    )
+
+
+def _assert_resumed_like_uninterrupted(run: str, finished: str, resumed_from: int, proc) -> None:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _quiet(proc)
+    assert f"resumed from {run}/checkpoint_{resumed_from}" in proc.stdout
+    ref, got = _losses(finished), _losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert len({round(v, 6) for v in ref.values()}) > STEPS // 2  # the losses do vary
+    for step in range(resumed_from + 1, STEPS + 1):
+        assert abs(got[step] - ref[step]) <= 1e-6 * max(1.0, abs(ref[step])), (step, got, ref)
+    assert checkpoints.verify_checksums(os.path.join(run, f"checkpoint_{STEPS}"))
+
+
+def test_resume_skips_a_corrupt_newest_step(finished, tmp_path, subprocess_env):
+    """The newest step's parameter data cut in half (issue 25 item 1): the run warns naming the
+    file, resumes from the step before, and its losses equal the uninterrupted run's."""
+    run = _copy(finished, str(tmp_path / "run"))
+    data = _largest(os.path.join(run, "checkpoint_12", "params", "ocdbt.process_0", "d"))
+    _fault(data, "truncated")
+    os.remove(os.path.join(run, "final_metrics.json"))  # the run has not finished
+    proc = _train(run, _env(subprocess_env))
+    assert f"{data}: truncated" in proc.stderr, proc.stderr[-3000:]
+    assert "newest intact step" in proc.stderr
+    _assert_resumed_like_uninterrupted(run, finished, 8, proc)
+
+
+def test_finished_run_is_not_restored(finished, tmp_path, subprocess_env):
+    """Rerunning a finished run whose newest step is corrupt (item 3): nothing is restored."""
+    run = _copy(finished, str(tmp_path / "run"))
+    _fault(_largest(os.path.join(run, "checkpoint_12", "opt_state")), "truncated")
+    proc = _train(run, _env(subprocess_env))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _quiet(proc)
+    assert f"{run} has finished training (step 12)" in proc.stdout
+
+
+def test_final_metrics_repaired_on_rerun(finished, tmp_path, subprocess_env):
+    """Killed after the last checkpoint, before final_metrics.json (item 6): the rerun writes it
+    whole, its train/* from what the run logged."""
+    run = _copy(finished, str(tmp_path / "run"))
+    os.remove(os.path.join(run, "final_metrics.json"))
+    proc = _train(run, _env(subprocess_env))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _quiet(proc)
+    with open(os.path.join(finished, "final_metrics.json")) as f:
+        want = json.load(f)
+    with open(os.path.join(run, "final_metrics.json")) as f:
+        got = json.load(f)
+    assert any(k.startswith("train/") for k in want) and got == want
+
+
+def test_eval_on_a_corrupt_checkpoint_is_one_line(finished, tmp_path, subprocess_env):
+    """A 10-byte manifest.ocdbt (item 7): one line naming it, exit 2, no event-loop noise."""
+    run = _copy(finished, str(tmp_path / "run"))
+    manifest = os.path.join(run, "checkpoint_12", "params", "manifest.ocdbt")
+    with open(manifest, "wb") as f:
+        f.write(b"0123456789")
+    cmd = [
+        sys.executable,
+        "-m",
+        "distill_sbs.eval",
+        "--gin_file=runs/eval.gin",
+        f"--gin.CHECKPOINT_PATH='{run}/checkpoint_12'",
+        "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
+    ]
+    proc = subprocess.run(
+        cmd, env=_env(subprocess_env), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert _one_error_line(proc).startswith(f"error: {manifest}: truncated")
+
+
+def test_read_only_model_dir_stops_in_one_line(finished, tmp_path, subprocess_env):
+    """MODEL_DIR on a read-only file system (item 4)."""
+    run = _copy(finished, str(tmp_path / "run"))
+    with read_only(run, str(tmp_path / "ro")) as ro:
+        proc = _train(ro, _env(subprocess_env), steps=STEPS + 4)
+    line = _one_error_line(proc)
+    assert line == f"error: {ro}: cannot be written ([Errno 30] Read-only file system)", line
+
+
+def _allocated(path: str) -> int:
+    out = subprocess.run(["du", "-s", "--block-size=1", path], capture_output=True, text=True)
+    return int(out.stdout.split()[0])
+
+
+def test_disk_full_mid_training_stops_at_once_and_resumes(finished, tmp_path, subprocess_env):
+    """MODEL_DIR on a tmpfs with room for one step (item 5): the save of step 8 fails, the run
+    stops in one line before its next save, and once there is room again the rerun removes the
+    interrupted save (saying so), resumes from step 4 and matches the uninterrupted run."""
+    step_size = _allocated(os.path.join(finished, "checkpoint_4"))
+    rest = _allocated(finished) - 3 * step_size
+    with tmpfs(str(tmp_path / "disk"), str(rest + step_size * 3 // 2)) as disk:
+        run = os.path.join(disk, "run")
+        proc = _train(run, _env(subprocess_env))
+        line = _one_error_line(proc)
+        assert line.startswith(f"error: {run}/checkpoint_8: the checkpoint cannot be written")
+        assert line.endswith("No space left on device)"), line
+        assert max(_losses(run)) < STEPS  # stopped before the next save
+        _mount("-o", "remount,size=16m", disk)
+        proc = _train(run, _env(subprocess_env))
+        assert f"{run}/checkpoint_8.orbax-checkpoint-tmp" in proc.stderr, proc.stderr[-3000:]
+        assert "removed (a save that was interrupted" in proc.stderr
+        _assert_resumed_like_uninterrupted(run, finished, 4, proc)
+
+
+# --------------------------------------------------------------------------------------------------
+# gs:// on the emulator: the same verification and fallback, and uncommitted steps cleared. (A
+# read-only or full disk has no GCS equivalent the emulator can play: its errors are HTTP
+# answers, which orbax reports through the same SaveFailed path.)
+
+
+def test_gcs_corrupt_object_falls_back_and_uncommitted_step_is_cleared(gcs):  # noqa: F811
+    run = f"gs://{BUCKET}/faults-run"
+    mgr = checkpoints.CheckpointManager(run, config=SMALL, async_save=True)
+    saved = {}
+    for step in (1, 2):
+        params, opt = _state(step)
+        assert mgr.save(step, params, opt, {"batches_consumed": step}, force=True)
+        saved[step] = (params, opt)
+    mgr.close()
+    assert checkpoints.verify_checksums(f"{run}/checkpoint_2")  # written before the commit
+    data = f"{run}/checkpoint_2/params/ocdbt.process_0/d"
+    name = max(storage.listdir(data), key=lambda n: storage.Path(f"{data}/{n}").stat().length)
+    target = f"{data}/{name}"
+    blob = bytearray(storage.read_bytes(target))
+    blob[len(blob) // 2] ^= 0x5A
+    storage.write_bytes(target, bytes(blob))
+
+    mgr = checkpoints.CheckpointManager(run)
+    abstract = _abstract(saved[1])
+    with pytest.raises(checkpoints.CorruptCheckpoint, match=f"^{target}: corrupt"):
+        mgr.restore(2, *abstract)
+    with _warnings() as logged:
+        step, params, opt, data_state = mgr.restore_newest(*abstract)
+    mgr.close()
+    assert step == 1 and data_state == {"batches_consumed": 1}
+    assert _equal((params, opt), saved[1])
+    assert any(target in w for w in logged), logged
+    assert sorted(checkpoints.step_dirs(run)) == [1]
+
+    # a step orbax never committed (no commit_success.txt) is cleared at the next start
+    mgr = checkpoints.CheckpointManager(run, async_save=False)
+    mgr.save(3, *saved[2], {"batches_consumed": 3}, force=True)
+    mgr.close()
+    storage.Path(f"{run}/checkpoint_3/commit_success.txt").unlink()
+    with _warnings() as logged:
+        checkpoints.CheckpointManager(run).close()
+    assert any(f"{run}/checkpoint_3: removed" in w for w in logged), logged
+    assert not storage.exists(f"{run}/checkpoint_3/params")
