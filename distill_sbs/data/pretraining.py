@@ -9,7 +9,7 @@ TASK_FEATURE_LENGTHS["inputs"] once corrupted, and corrupted afresh every epoch:
 
     tokens   Thank you for inviting me to your party last week .
     inputs   Thank you <X> me to your party <Y> week . </s>
-    targets  <X> for inviting <Y> last </s>
+    targets  <X> for inviting <Y> last <Z> </s>          (the paper's example)
 
 Noise density 0.15 and mean noise span length 3 (gin: SpanCorruption.*). As in T5: the number of
 noise tokens is round(length * density), the number of noise spans round(noise / mean span) (at
@@ -20,7 +20,8 @@ the last id of the vocabulary (<extra_id_0> = vocab_size - 1, then - 2, ...). Si
 with a noise span, its targets end with that span, not with a trailing sentinel (the paper's
 illustration ends with one because its example ends with non-noise; `sentinel_spans` gives it
 for such a mask). A rolled mask (random_roll below) may start with noise: T5's code would then
-put each sentinel after its span in the targets; here it stays before it. Both end with EOS. The feature converter packs the examples (PACK = True).
+put each sentinel after its span in the targets; here it stays before it. Both end with EOS.
+The feature converter packs the examples (PACK = True).
 
 Unlike T5 (concatenate documents, then split), each document is corrupted on its own, so no span
 crosses a document boundary; packing fills the rows instead. The random draws of one example come

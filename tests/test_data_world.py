@@ -1,0 +1,198 @@
+"""The embedded world (distill_sbs.data.world, docs/world.md): its splits, labels checked against
+the facts by an independent reader of the questions, noisy teachers, a corpus that states every
+fact without the probe's traps, the shipped vocabulary, and a shortened pretraining run on the
+corpus whose loss falls while its cloze recall of the facts rises."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import gin
+import pytest
+from _tiny_t5 import tiny_config
+
+import distill_sbs.optimizers  # noqa: F401  (registers create_optimizer)
+from distill_sbs.data import pretraining, world
+
+E = world.by_name()
+PLURAL = {v: k for k, v in world.CLASSES.items()}
+
+
+def _answer(question: str) -> str:
+    """The answer to a question, read from the entities' facts (not from the generator)."""
+    if m := re.fullmatch(
+        r"\w+ saw the (\w+), the (\w+) and the (\w+)\. How many of them (.+)\?", question
+    ):
+        *names, asked = m.groups()
+        kind, value = re.fullmatch(r"(are|live in the|feed on) (\w+)", asked).groups()
+        attribute = {"are": "class", "live in the": "habitat", "feed on": "diet"}[kind]
+        value = PLURAL.get(value, value) if attribute == "class" else value
+        return str(sum(E[n].value(attribute) == value for n in names))
+    if m := re.fullmatch(r"Which is (larger|smaller), the (\w+) or the (\w+)\?", question):
+        word, a, b = m.groups()
+        ra, rb = (world.SIZE_ORDER.index(E[n].size) for n in (a, b))
+        assert ra != rb
+        return a if (ra > rb) == (word == "larger") else b
+    m = re.fullmatch(
+        r"(Where|How big|What) (?:does|is) the animal that the (\w+) hunts ?(live|feed on)?\?",
+        question,
+    )
+    assert m, question
+    prey = E[E[m.group(2)].prey]
+    return {"Where": prey.habitat, "How big": prey.size, "What": prey.diet}[m.group(1)]
+
+
+def _names(text: str) -> set[str]:
+    return {w for w in re.findall(r"\w+", text) if w in E}
+
+
+def test_splits_groups_and_labels():
+    train, test = world.generate("train"), world.generate("test")
+    assert (len(train), len(test)) == (400, 1200)
+    assert world.generate("train") == train  # deterministic
+    assert not {r.input for r in train} & {r.input for r in test}
+    seen = {e.name for e in world.entities() if e.seen}
+    assert len(seen) == 40 and len(E) == 240
+    for r in train + test:
+        assert r.label == _answer(r.input), r.input
+        names = _names(r.input)
+        group = r.fields["group"]
+        assert names <= seen if group == "seen" else not names & seen, r.input
+    assert Counter(r.fields["group"] for r in test) == {"seen": 600, "unseen": 600}
+    assert all(r.fields["group"] == "seen" for r in train)
+    kinds = Counter(r.fields["kind"] for r in test)
+    assert set(kinds) == {"count", "compare", "two_hop"} and kinds["two_hop"] >= 100
+    counts = Counter(r.label for r in train if r.fields["kind"] == "count")
+    assert set(counts) == {"0", "1", "2", "3"} and min(counts.values()) > 40
+    per_entity = Counter(n for r in train for n in _names(r.input))
+    assert min(per_entity[n] for n in seen) >= 8  # each seen entity recurs in labelled train
+
+
+def _stated(rationale: str) -> dict[tuple[str, str], str]:
+    """(entity, attribute) -> value for the facts an "alpha" rationale states."""
+    out = {}
+    for sentence in rationale.split(". "):
+        for attribute in ("class", "habitat", "size", "diet"):
+            pattern = world.CORPUS_TEMPLATES[attribute][0].rstrip(".")
+            regex = re.escape(pattern).replace(r"\{e\}", r"(\w+)").replace(r"\{v\}", r"(\w+)")
+            if m := re.fullmatch(regex, sentence.rstrip(".")):
+                name, value = m.groups()
+                out[(name, attribute)] = PLURAL.get(value, value)
+    return out
+
+
+def test_teachers_are_noisy_in_two_styles():
+    records = world.generate("train") + world.generate("test")
+    for t in world.TEACHERS:
+        wrong = [r for r in records if r.teachers[t][0].label != r.label]
+        assert 0.08 < len(wrong) / len(records) < 0.16, t
+    for r in records:
+        alpha, beta = r.teachers["alpha"][0], r.teachers["beta"][0]
+        assert alpha.rationale.endswith(".") and ": " not in alpha.rationale
+        assert beta.rationale.endswith(f"; so {beta.label}.")
+        gold = _stated(r.fields["gold_rationale"])
+        assert gold and all(E[n].value(a) == v for (n, a), v in gold.items())
+        stated = _stated(alpha.rationale)
+        changed = [k for k in stated if stated[k] != gold.get(k)]
+        # A right answer comes from the true facts; a wrong one from exactly one changed fact.
+        assert len(changed) == (0 if alpha.label == r.label else 1), alpha.rationale
+
+
+def test_corpus_states_every_fact_without_the_probe_traps():
+    corpus = world.corpus()
+    assert len(corpus) == 240 * world.DOCS_PER_ENTITY
+    text = " ".join(corpus)
+    for e in world.entities():
+        for attribute in ("class", "habitat", "size", "diet"):
+            v = world.CLASSES[e.cls] if attribute == "class" else e.value(attribute)
+            facts = [world.fact(e, attribute, t) for t in world.CORPUS_TEMPLATES[attribute]]
+            assert any(f in text for f in facts), (e.name, attribute)
+            assert world.fact(e, attribute, world.HELD_OUT_TEMPLATES[attribute]) not in text
+            assert not re.search(rf"\ban? {v}\b", text)  # no article gives a value away
+        if e.prey:
+            assert f"the {e.prey}" in " ".join(d for d in corpus if e.name in d)
+    # Each probe's context before the sentinel is followed in the corpus only by values of the
+    # probed attribute (a cloze never asks for another fact).
+    for probe in world.cloze_probes():
+        if probe.phrasing != "corpus":
+            continue
+        before = probe.text.split(world.SENTINEL)[0]
+        followers = set(re.findall(re.escape(before) + r"(\w+)", text))
+        assert followers and followers <= set(probe.choices), (probe.text, followers)
+
+
+def test_cloze_probes():
+    probes = world.cloze_probes()
+    assert len(probes) == 240 * 4 * 2
+    for p in probes:
+        assert p.text.count(world.SENTINEL) == 1 and p.answer in p.choices
+        assert (world.CLASSES[E[p.entity].cls] if p.attribute == "class"
+                else E[p.entity].value(p.attribute)) == p.answer  # fmt: skip
+
+
+def test_shipped_vocabulary_covers_the_world():
+    vocab = world.vocabulary()
+    assert vocab.vocab_size == 1124 and vocab.extra_ids == 100
+    assert vocab.decode([vocab.vocab_size - 1]) == "<extra_id_0>"
+    assert all(len(vocab.encode(e.name)) == 1 for e in world.entities())  # names: one piece
+    texts = world.vocabulary_texts()
+    assert all(2 not in vocab.encode(t) for t in texts)  # no unknown pieces
+    assert all(vocab.decode(vocab.encode(t)) == t for t in texts[:3000])
+
+
+# ---- a shortened pretraining run: loss falls, recall rises ------------------------------
+
+
+@pytest.fixture
+def _gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def test_shortened_pretraining_loss_falls_and_recall_rises(tmp_path, _gin):
+    """Pretrain the tiny student on the documents of 12 entities; the cloze recall of their
+    facts (phrasings from the corpus) rises well above what the untrained student gets."""
+    import jax
+
+    from distill_sbs import cloze, models
+    from distill_sbs.train import train
+
+    names = [e.name for e in world.entities()[:12]]
+    docs = [d for d in world.corpus() if _subject(d) in names]
+    pretraining.register_span_corruption_task(
+        "world_span_corruption_12", vocabulary=world.vocabulary(), documents=lambda s: docs
+    )
+    gin.bind_parameter("create_optimizer.name", "adamw")
+    gin.bind_parameter("create_optimizer.learning_rate", 3e-3)
+    gin.bind_parameter("SpanCorruption.random_roll", True)
+    gin.bind_parameter("SpanCorruption.noise_density", 0.3)  # more facts hidden per step
+    config = tiny_config(vocab_size=1152, emb_dim=64, head_dim=16, mlp_dim=128, num_heads=4)
+    model_dir = str(tmp_path / "pretrained")
+    train(
+        model_dir=model_dir,
+        mixture_or_task_name="world_span_corruption_12",
+        task_feature_lengths={"inputs": 64, "targets": 32},
+        train_steps=150,
+        batch_size=16,
+        model_config=config,
+        log_period=25,
+        checkpoint_period=0,
+        eval_at_end=False,
+        async_checkpointing=False,
+    )
+    with open(f"{model_dir}/train_metrics.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f]
+    assert losses[-1] < 0.6 * losses[0], losses
+    probes = [p for p in world.cloze_probes() if p.entity in names and p.phrasing == "corpus"]
+    model, params = models.load(model_dir)
+    after = cloze.cloze_recall(model, params, probes)["recall"]
+    fresh = model.init_params(jax.random.PRNGKey(0))
+    before = cloze.cloze_recall(model, fresh, probes)["recall"]
+    assert after > before + 20 and after > 60, (before, after)
+
+
+def _subject(doc: str) -> str:
+    return Counter(w for w in re.findall(r"\w+", doc) if w in E).most_common(1)[0][0]
