@@ -155,3 +155,23 @@ def test_fault_plan_ranges():
     assert plan.for_request(1) is None
     assert plan.for_request(3).kind == "503" and plan.for_request(3).seconds == 1.5
     assert plan.for_request(7).seconds == 3.0
+
+
+def test_unseeded_samples_vary_and_a_seed_reproduces_under_load():
+    """Issue 21: every unseeded request sampled with seed 0 (the same text each time); and a
+    seeded request shared its batch's seed with whatever it was batched with."""
+    gen = FakeGenerator(lambda p, params, seed: f"seed {seed}", max_batch_size=8, delay=0.05)
+    with Server(gen, batch_window_ms=30) as s:
+        url = s.base_url + "/completions"
+
+        def text(body):
+            return requests.post(url, json=body, timeout=10).json()["choices"][0]["text"]
+
+        unseeded = {text({"prompt": "q", "temperature": 1.0}) for _ in range(3)}
+        assert len(unseeded) == 3, unseeded
+        bodies = [{"prompt": f"q{i}", "temperature": 1.0, "seed": 100 + i} for i in range(6)]
+        bodies += [{"prompt": "u", "temperature": 1.0}] * 4
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            got = list(pool.map(text, bodies))
+        assert got[:6] == [f"seed {100 + i}" for i in range(6)]
+        assert len(set(got[6:]) & set(got[:6])) == 0

@@ -9,6 +9,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -105,7 +106,7 @@ class Job:
 
     prompts: list[str]
     params: GenerationParams
-    seed: int
+    seed: int | None  # None: not given by the client
     logprobs: bool
     on_token: Callable[[int, str, Token], None] | None  # (row, text delta, token), streaming
     scoring: list[ScoreRow] | None = None  # a scoring job's rows (prompts: their count)
@@ -122,7 +123,11 @@ class BatchingEngine:
     (oldest first) in turn until it is full, among the requests whose decoding parameters match the
     oldest one's, so a small request never waits behind all the rows of a huge one. A cancelled
     request (its client went away) loses its queued rows and stops its running ones at the next
-    decoding step. Sampling within a batch shares one seed: that of the batch's oldest request.
+    decoding step. Samples depend on the whole batch, so a sampling request with a seed runs in
+    batches of its own, the first with its seed and each next one with the seed plus its first
+    row's index (as ModelGenerator splits a long call): a given seed gives the same samples
+    however busy the server is. Sampling requests without one share batches (with equal
+    parameters) under a seed drawn for each batch, so that their samples vary.
     """
 
     def __init__(
@@ -150,7 +155,7 @@ class BatchingEngine:
         self,
         prompts: Sequence[str],
         params: GenerationParams,
-        seed: int,
+        seed: int | None,
         *,
         logprobs: bool = False,
         on_token: Callable[[int, str, Token], None] | None = None,
@@ -203,8 +208,10 @@ class BatchingEngine:
             group = [
                 j
                 for j in pending
-                if j.params == first.params and (j.scoring is None) == (first.scoring is None)
-            ]
+                if j.params == first.params
+                and (j.scoring is None) == (first.scoring is None)
+                and (first.params.temperature == 0 or (first.seed is None and j.seed is None))
+            ] or [first]
             batch: list[tuple[Job, int]] = []
             while len(batch) < self.max_batch_size and any(
                 j.next_row < len(j.prompts) for j in group
@@ -214,6 +221,15 @@ class BatchingEngine:
                         batch.append((job, job.next_row))
                         job.next_row += 1
             return batch
+
+    @staticmethod
+    def _seed(batch: list[tuple[Job, int]]) -> int:
+        """The batch's seed: a seeded job's (plus the index of its first row here), else a new
+        one (the batch is greedy, or unseeded samples that should vary)."""
+        job, row = batch[0]
+        if job.seed is None:
+            return secrets.randbits(32)
+        return (job.seed + row) & 0xFFFFFFFF
 
     def _finish(self, job: Job, error: BaseException | None = None) -> None:
         """Removes `job` (lock held) and resolves its future."""
@@ -241,8 +257,9 @@ class BatchingEngine:
                 assert self.scorer is not None  # submit_scoring checked
                 outs = self.scorer.score([job.scoring[i] for job, i in batch])
             else:
+                seed = self._seed(batch)
                 outs = self.generator.generate(
-                    prompts, first.params, first.seed, logprobs=logprobs, on_token=on_token
+                    prompts, first.params, seed, logprobs=logprobs, on_token=on_token
                 )
             error = None
         except Exception as e:  # noqa: BLE001 - reported to each waiting request

@@ -88,7 +88,7 @@ class CompletionRequest:
     prompts: list[str]  # chat: the one text the messages become
     params: GenerationParams
     n: int  # samples per prompt
-    seed: int
+    seed: int | None  # None: not given (samples vary)
     model: str | None = None
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
@@ -146,15 +146,20 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
     return v
 
 
-def _params(body: dict[str, Any], chat: bool, limit: int) -> tuple[GenerationParams, int, int]:
+def _params(
+    body: dict[str, Any], chat: bool, limit: int
+) -> tuple[GenerationParams, int, int | None]:
     """(decoding parameters, n, seed); max_tokens above `limit` is clipped to it."""
     name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     max_tokens = int(_number(body, name, 16, 1 if chat else 0, 1 << 20))
     temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
     top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
     n = int(_number(body, "n", 1, 1, 128))
-    # Any 64-bit seed is accepted; the generator's PRNG key takes its low 32 bits.
-    seed = int(_number(body, "seed", 0, -(1 << 63), (1 << 64) - 1)) & 0xFFFFFFFF
+    # Any 64-bit seed is accepted; the generator's PRNG key takes its low 32 bits. None (not
+    # given): the engine draws one, so that samples vary from request to request, as OpenAI's do.
+    seed = None
+    if body.get("seed") is not None:
+        seed = int(_number(body, "seed", 0, -(1 << 63), (1 << 64) - 1)) & 0xFFFFFFFF
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
