@@ -23,6 +23,7 @@ import difflib
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -94,7 +95,12 @@ def parse_gin(
         raise UserError(f"gin configuration error: {one_line(e)}") from e
     finally:
         logging.getLogger().removeFilter(quiet)
-    check_macros()
+    user_text = [b for b in bindings] + [
+        Path(f).read_text(encoding="utf-8", errors="replace")
+        for f in resolved
+        if not Path(f).is_relative_to(GIN_DIR)
+    ]
+    check_macros(_macros_assigned(user_text))
 
 
 @contextlib.contextmanager
@@ -148,10 +154,22 @@ def referenced_macros() -> set[str]:
     return found
 
 
-def check_macros() -> None:
-    """A macro that nothing references is a typo (gin itself ignores it): a UserError."""
+_MACRO_ASSIGNMENT = re.compile(r"^\s*([A-Za-z_][\w/]*)\s*=", re.MULTILINE)
+
+
+def _macros_assigned(texts: Sequence[str]) -> set[str]:
+    """Macro names assigned (`NAME = ...`, no dot: not a parameter) in gin text."""
+    return {m for text in texts for m in _MACRO_ASSIGNMENT.findall(text)}
+
+
+def check_macros(candidates: set[str] | None = None) -> None:
+    """A macro that nothing references is a typo (gin itself ignores it): a UserError.
+
+    candidates: the macros the user assigned (command-line bindings, their own gin files); a macro
+    of the package's gin files that a user's parameter binding overrides is not an error."""
     used = referenced_macros()
-    unused = sorted(bound_macros() - used - set(T5X_MACROS))
+    bound = bound_macros() if candidates is None else bound_macros() & candidates
+    unused = sorted(bound - used - set(T5X_MACROS))
     if unused:
         hints = []
         for name in unused:

@@ -22,6 +22,7 @@ if __name__ == "__main__":
     raise SystemExit(0)
 
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,22 @@ import seqio
 from distill_sbs import cli, storage
 from distill_sbs.errors import UserError
 from distill_sbs.generation import generate_ids
+
+
+class _Progress:
+    """Prints `<what>: n/total examples` at most every `every_secs` and at the end, so a long
+    evaluation (a test split of thousands) shows it is moving."""
+
+    def __init__(self, what: str, total: int, every_secs: float = 30.0) -> None:
+        self.what, self.total, self.every_secs = what, total, every_secs
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if done < self.total and now - self.last < self.every_secs:
+            return
+        self.last = now
+        print(f"{self.what}: {done}/{self.total} examples, {now - self.start:.0f}s", flush=True)
 
 
 class TaskEvaluator:
@@ -81,13 +98,17 @@ class TaskEvaluator:
             for index, features in ds.as_numpy_iterator():
                 indices.append(int(index))
                 rows.append(features["encoder_input_tokens"])
-            ids = generate_ids(
-                model,
-                params,
-                np.stack(rows),
-                batch_size=batch_size,
-                max_decode_length=decode_length,
-            )
+            inputs = np.stack(rows) if rows else np.zeros((0, 1), np.int32)
+            report = _Progress(f"eval {self.split}", len(rows))
+            ids = []
+            for start in range(0, len(rows), batch_size):  # one compiled shape, batch by batch
+                batch = inputs[start : start + batch_size]
+                ids += list(
+                    generate_ids(
+                        model, params, batch, batch_size=batch_size, max_decode_length=decode_length
+                    )
+                )
+                report(start + len(batch))
             return [(i, row.tolist()) for i, row in zip(indices, ids, strict=True)]
 
         metrics_future, all_output = self.evaluator.evaluate(

@@ -90,9 +90,14 @@ def infer(
     rationale_prefix: str = "[rationale] ",
     method: str = "greedy",
     num_beams: int = 4,
+    seed: int = 0,
     generate_kwargs: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Predicts a label (and a rationale when asked) for each input; writes JSONL rows."""
+    """Predicts a label (and a rationale when asked) for each input; writes JSONL rows.
+
+    method "sample" draws with `seed` (each batch from its own key, so reruns agree)."""
+    import jax
+
     from distill_sbs import models
     from distill_sbs.eval import check_vocabulary
     from distill_sbs.generation import generate_texts
@@ -122,9 +127,24 @@ def infer(
 
         def run(texts: list[str], length: int) -> list[str]:
             enc = model.encode_texts(texts, input_length)
-            return generate_texts(
-                model, params, enc, batch_size=batch_size, max_decode_length=length, **kwargs
-            )
+            if method != "sample":
+                return generate_texts(
+                    model, params, enc, batch_size=batch_size, max_decode_length=length, **kwargs
+                )
+            out = []
+            for start in range(0, len(enc), batch_size):
+                rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
+                batch = enc[start : start + batch_size]
+                out += generate_texts(
+                    model,
+                    params,
+                    batch,
+                    batch_size=batch_size,
+                    max_decode_length=length,
+                    rng=rng,
+                    **kwargs,
+                )
+            return out
 
         for row, text in zip(rows, run(label_inputs, max_decode_length), strict=True):
             row["prediction"] = text

@@ -42,6 +42,21 @@ def test_misspelled_macro_is_an_error():
     assert gin.query_parameter("%TRAIN_STEPS") == 2
 
 
+def test_overriding_a_package_macros_parameter_is_not_an_error(tmp_path):
+    """`--gin.evaluate.batch_size=8` leaves runs/eval.gin's own BATCH_SIZE unreferenced: the
+    user did nothing wrong. A typo'd macro in the user's own gin file still is an error."""
+    base = ["CHECKPOINT_PATH = '/tmp/c'", "MIXTURE_OR_TASK_NAME = 'arith_dss'"]
+    cli.parse_gin(
+        ["runs/eval.gin"], [*base, "evaluate.batch_size = 8", "evaluate.num_examples = 4"]
+    )
+    assert gin.query_parameter("evaluate.batch_size") == 8
+    gin.clear_config()
+    own = tmp_path / "mine.gin"
+    own.write_text("include 'runs/eval.gin'\nEVAL_SPLT = 'validation'\n")
+    with pytest.raises(UserError, match=r"EVAL_SPLT \(did you mean EVAL_SPLIT\?\)"):
+        cli.parse_gin([str(own)], base)
+
+
 def test_runs_folder_in_working_directory_does_not_break_include(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()  # a namespace package `runs` to gin's resource lookup
