@@ -234,6 +234,10 @@ class ModelGenerator:
                 jax.block_until_ready(ids)
         return len(rows) * len(lengths)
 
+    def prompt_tokens(self, prompt: str) -> int:
+        """The encoder input tokens of `prompt`, EOS included (over max_input_length: cut)."""
+        return len(self.model.vocabulary.encode(prompt)) + 1
+
     @classmethod
     def from_checkpoint(cls, path: str, **kwargs: Any) -> ModelGenerator:
         from distill_sbs import models

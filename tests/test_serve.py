@@ -78,13 +78,64 @@ def test_chat_joins_message_contents(server):
         ({"prompt": "x", "temperature": 9}, "'temperature'"),
         ({"prompt": "x", "stop": [1]}, "'stop'"),
         ({"messages": []}, "'messages'"),
+        # issue 21: fields this server cannot honour were ignored; each is now named
+        ({"prompt": "x", "logit_bias": {"50256": -100}}, "'logit_bias'"),
+        ({"prompt": "x", "best_of": 3}, "'best_of'"),
+        ({"prompt": "x", "suffix": " end"}, "'suffix'"),
+        ({"prompt": "x", "presence_penalty": 1.5}, "'presence_penalty'"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "'tools'",
+        ),  # fmt: skip
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"},
+            },
+            "'response_format'",
+        ),  # fmt: skip
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "what is this?"},
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "data:image/png;base64,AA=="},
+                            },
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[1] is of type 'image_url'",
+        ),  # fmt: skip
     ],
 )
 def test_bad_requests_are_400_with_a_reason(server, body, needle):
     path = "/chat/completions" if "messages" in body else "/completions"
     r = _post(server, path, body)
     assert r.status_code == 400
-    assert needle in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert needle in error["message"]
+    if "'" in needle and "[" not in needle:
+        assert error["param"] == needle.strip("'")
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted_and_top_p_0_is_kept():
+    seen = []
+
+    def respond(prompt, params, seed):
+        seen.append(params.top_p)
+        return "ok"
+
+    with Server(FakeGenerator(respond)) as s:
+        body = {"prompt": "x", "logit_bias": {}, "best_of": 2, "n": 2, "suffix": None,
+                "response_format": {"type": "text"}, "top_p": 0}  # fmt: skip
+        r = requests.post(s.base_url + "/completions", json=body, timeout=10)
+        assert r.status_code == 200, r.text
+    assert seen == [0.0, 0.0]  # was sampled as top_p 1: the nucleus of 0 is the best token
 
 
 def test_concurrent_requests_are_batched(server):

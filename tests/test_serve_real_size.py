@@ -248,3 +248,18 @@ def test_the_issues_curl_request_against_the_cli_server(checkpoint, subprocess_e
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_sampling_and_limits_are_honoured_or_refused(client, loaded):
+    """Unseeded samples vary, top_p 0 is greedy, a prompt over --max_input_length is a 400 (it
+    was cut without notice) (about 20 s)."""
+    model, params = loaded
+    kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=6, temperature=1.0)
+    texts = {client.completions.create(**kw).choices[0].text for _ in range(2)}
+    assert len(texts) == 2, texts
+    ids, _ = _greedy(model, params, PROMPTS[1], 6)
+    nucleus_of_0 = client.completions.create(**kw, top_p=0, seed=1).choices[0].text
+    assert nucleus_of_0 == model.decode_tokens(np.array([ids]))[0]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="word " * 100, max_tokens=4)
+    assert "--max_input_length=64" in e.value.message and e.value.param == "prompt"

@@ -299,6 +299,8 @@ class CompletionHandler:
         limits = self.state.limits
         req = parse_request(raw, chat, limits.max_tokens_limit, limits.max_sequences_per_request)
         self.check_model(req.model)
+        if req.targets is None:
+            self.check_prompt_lengths(req)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue | None = asyncio.Queue() if req.stream else None
         on_token = None
@@ -340,6 +342,23 @@ class CompletionHandler:
         self.state.metrics.tokens.labels("prompt").inc(body["usage"]["prompt_tokens"])
         self.state.metrics.tokens.labels("completion").inc(body["usage"]["completion_tokens"])
         return JSONResponse(body)
+
+    def check_prompt_lengths(self, req: CompletionRequest) -> None:
+        """400 for a prompt longer than the model reads: cutting it would answer another one."""
+        generator = self.state.engine.generator
+        count = getattr(generator, "prompt_tokens", None)  # None: a test's fake generator
+        limit = getattr(generator, "max_input_length", None)
+        if count is None or limit is None:
+            return
+        for i, prompt in enumerate(req.prompts):
+            n = count(prompt)
+            if n > limit:
+                what = "the messages" if req.chat else f"prompt {i}"
+                raise BadRequest(
+                    f"{what}: {n} tokens (EOS included), more than this server's "
+                    f"--max_input_length={limit}",
+                    "messages" if req.chat else "prompt",
+                )
 
     def _submit_scoring(self, req: CompletionRequest) -> Job:
         """Queues a scoring request's rows; each target's tokens count against

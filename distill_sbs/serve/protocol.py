@@ -121,13 +121,42 @@ def _messages_to_text(messages: Any) -> str:
             raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content'")
         content = m["content"]
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            content = "".join(
-                c.get("text", "")
-                for c in content
-                if isinstance(c, dict) and c.get("type") == "text"
-            )
+            for j, c in enumerate(content):
+                kind = c.get("type") if isinstance(c, dict) else None
+                if kind != "text":
+                    raise BadRequest(
+                        f"messages[{i}].content[{j}] is of type {kind!r}: this text-only model "
+                        "reads 'text' parts only",
+                        "messages",
+                    )
+            content = "".join(_text(c.get("text"), f"messages[{i}].content[]") for c in content)
         parts.append(_text(content, f"messages[{i}].content"))
     return "\n\n".join(parts)
+
+
+# Request fields this server cannot honour, with the values that ask for nothing (accepted):
+# any other value is a 400 naming the field rather than an answer that silently ignores it.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+}
+
+
+def _refuse_unsupported(body: dict[str, Any], n: int) -> None:
+    for name, neutral in _UNSUPPORTED.items():
+        if name in body and body[name] not in neutral:
+            raise BadRequest(f"'{name}' is not supported by this server", name)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n:  # best_of == n: every sample is returned anyway
+        raise BadRequest(f"'best_of' is not supported by this server (only best_of = n = {n})",
+                         "best_of")  # fmt: skip
 
 
 def _prompt_list(prompt: Any) -> list[str]:
@@ -166,9 +195,8 @@ def _params(
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise BadRequest("'stop' must be a string or a list of up to 4 strings", "stop")
     stop = [_text(s, "'stop'") for s in stop]
-    params = GenerationParams(
-        min(max_tokens, limit), temperature, top_p if top_p > 0 else 1.0, tuple(stop)
-    )
+    # top_p 0 keeps only the most likely token (the nucleus always holds it)
+    params = GenerationParams(min(max_tokens, limit), temperature, top_p, tuple(stop))
     return params, n, seed
 
 
@@ -197,6 +225,7 @@ def parse_request(
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     params, n, seed = _params(body, chat, max_tokens_limit)
+    _refuse_unsupported(body, n)
     if chat:
         prompts = [_messages_to_text(body.get("messages"))]
     else:
