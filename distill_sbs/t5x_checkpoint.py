@@ -185,7 +185,7 @@ def _gin_bindings() -> dict[str, Any]:
     bound = {}
     for field in (*SHAPE_FIELDS, "mlp_activations"):
         try:
-            bound[field] = gin.query_parameter(f"T5Config.{field}")
+            bound[field] = gin.query_parameter(f"distill_sbs.network.T5Config.{field}")
         except ValueError:
             continue
     return bound
