@@ -91,6 +91,8 @@ def parse_gin(
     try:
         with _safe_package_lookup():
             gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=False)
+    except SyntaxError as e:  # gin's parser: a value that is not a Python literal, a bad line
+        raise UserError(_gin_syntax_message(e)) from e
     except (ValueError, KeyError, NameError, ImportError, OSError, TypeError) as e:
         raise UserError(f"gin configuration error: {one_line(e)}") from e
     finally:
@@ -101,6 +103,24 @@ def parse_gin(
         if not Path(f).is_relative_to(GIN_DIR)
     ]
     check_macros(_macros_assigned(user_text))
+
+
+def _gin_syntax_message(error: SyntaxError) -> str:
+    """One line for gin's SyntaxError: where, the offending line, and the likeliest fix (a string
+    value given without its inner quotes, as the shell strips the outer ones)."""
+    line = (error.text or "").strip()
+    where = "a --gin binding" if error.filename in (None, "<string>") else error.filename
+    if error.filename not in (None, "<string>") and error.lineno:
+        where += f":{error.lineno}"
+    message = f"gin syntax error in {where}: {line!r}"
+    name, sep, value = line.partition("=")
+    value = value.strip()
+    if sep and value.replace("_", "").replace("-", "").replace("/", "").isalnum():
+        message += (
+            f" ({value} is not a Python value; a string needs quotes inside the shell's: "
+            f"--gin.{name.strip()}=\"'{value}'\")"
+        )
+    return message
 
 
 @contextlib.contextmanager

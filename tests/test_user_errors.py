@@ -57,6 +57,19 @@ def test_overriding_a_package_macros_parameter_is_not_an_error(tmp_path):
         cli.parse_gin([str(own)], base)
 
 
+def test_string_binding_without_inner_quotes_says_how_to_quote(tmp_path):
+    """`--gin.MIXTURE_OR_TASK_NAME=cqa_dss` (the shell ate the quotes) was gin's SyntaxError: a
+    77-line traceback and exit 1. A bad line in a gin file names the file and line."""
+    base = ["MODEL_DIR = '/tmp/x'"]
+    with pytest.raises(UserError, match=r"--gin.MIXTURE_OR_TASK_NAME=\"'cqa_dss'\""):
+        cli.parse_gin(["runs/train.gin"], [*base, "MIXTURE_OR_TASK_NAME = cqa_dss"])
+    gin.clear_config()
+    bad = tmp_path / "bad.gin"
+    bad.write_text("include 'runs/train.gin'\nTRAIN_STEPS = = 3\n")
+    with pytest.raises(UserError, match=rf"gin syntax error in {bad}:2: 'TRAIN_STEPS = = 3'"):
+        cli.parse_gin([str(bad)], base)
+
+
 def test_runs_folder_in_working_directory_does_not_break_include(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()  # a namespace package `runs` to gin's resource lookup
