@@ -45,6 +45,12 @@ def test_jsonl_round_trip(tmp_path):
     "line, message",
     [
         ('{"id": "r2", "input": "x"', "malformed JSON"),
+        (
+            '{"id": "r2", "input": "x",}',
+            "malformed JSON (Expecting property name enclosed in double "
+            "quotes at column 27: a trailing ',' at column 26)",
+        ),
+        ('{"id": "r2", "input": "x"},', "a ',' after the object at column 27"),
         ('{"input": "x"}', "missing field 'id'"),
         ('{"id": "r2"}', "missing field 'input'"),
         ('{"id": "r2", "input": "x", "choices": "a b"}', "'choices' must be a list"),

@@ -158,12 +158,24 @@ def iter_json_lines(path: str | os.PathLike, what: str = "a line") -> Iterator[t
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecordError(
-                    f"{where}: malformed JSON ({e.msg} at column {e.colno})"
-                ) from None
+                raise RecordError(f"{where}: malformed JSON ({_json_problem(line, e)})") from None
             if not isinstance(d, dict):
                 raise RecordError(f"{where}: {what} must be a JSON object")
             yield d, where
+
+
+def _json_problem(line: str, error: json.JSONDecodeError) -> str:
+    """json's message and column, naming a trailing comma where there is one (JSON allows none,
+    and JSON lines put no comma between objects)."""
+    problem = f"{error.msg} at column {error.colno}"
+    before = line[: error.pos].rstrip()
+    if line[error.pos : error.pos + 1] == "," and error.msg == "Extra data":
+        return (
+            f"a ',' after the object at column {error.colno}: JSON lines hold one object per line"
+        )
+    if before.endswith(","):
+        return f"{problem}: a trailing ',' at column {len(before)}"
+    return problem
 
 
 def _decode_utf8(raw: bytes, where: str) -> str:
