@@ -357,14 +357,40 @@ def print_commands(runs: Sequence[RunSpec], out: epath.Path, argv: Sequence[str]
 # ---- results ----------------------------------------------------------------------------------
 
 
-def collect(runs: Sequence[RunSpec], out: epath.Path, metric: str, title: str) -> list[dict]:
-    """results.csv, results.md and the plots of the finished runs; returns the rows."""
+def run_metrics(
+    runs: Sequence[RunSpec], plans: dict[str, RunPlan], metric: str | None
+) -> dict[str, str]:
+    """The metric each run reports: `metric` (--metric) for all, else the one of its own
+    train.best_metric (a grid over datasets mixes them: cqa's accuracy, svamp's
+    equation_accuracy). SweepError if --metric is not a result of some run."""
+    from distill_sbs.data import registry
+
+    chosen = {}
+    for run in runs:
+        name = metric or plans[run.name].best_metric.split("/")[-1]
+        produced = metric_names(registry.dataset_and_method(plans[run.name].mixture)[0])
+        if name not in produced:
+            raise SweepError(f"--metric={name}: run {run.name} reports only {', '.join(produced)}")
+        chosen[run.name] = name
+    return chosen
+
+
+def collect(
+    runs: Sequence[RunSpec], out: epath.Path, metrics: dict[str, str], title: str
+) -> list[dict]:
+    """results.csv, results.md and the plots of the finished runs; returns the rows.
+
+    metrics: each run's metric (run_metrics). One for all runs: columns validation_<metric> and
+    test_<metric>; several: a `metric` column, then `validation` and `test`."""
     axes = [a for a, _ in runs[0].axes] if runs else []
+    names = sorted({metrics[r.name] for r in runs})
+    suffix = f"_{names[0]}" if len(names) == 1 else ""
     rows = []
     for run in runs:
         result = read_result(out / "runs" / run.name)
         if result is None:
             continue
+        metric = metrics[run.name]
         key = next((k for k in result["test"] if k.split("/")[-1] == metric), None)
         if key is None:
             raise SweepError(
@@ -376,25 +402,27 @@ def collect(runs: Sequence[RunSpec], out: epath.Path, metric: str, title: str) -
                 "run": run.name,
                 **dict(run.axes),
                 "best_step": result["best_step"],
-                f"validation_{metric}": val,
-                f"test_{metric}": result["test"][key],
+                **({} if suffix else {"metric": metric}),
+                f"validation{suffix}": val,
+                f"test{suffix}": result["test"][key],
                 "seconds": round(result["seconds"], 1),
             }
         )
     if not rows:
         print("[sweep] no finished runs to collect")
         return rows
-    columns = ["run", *axes, "best_step", f"validation_{metric}", f"test_{metric}", "seconds"]
+    value = f"test{suffix}"
+    columns = ["run", *axes, "best_step", *([] if suffix else ["metric"]), f"validation{suffix}",
+               value, "seconds"]  # fmt: skip
     sweep_report.write_csv(out / "results.csv", rows, columns)
-    sweep_report.write_markdown(out / "results.md", rows, axes, f"test_{metric}", title)
-    plots = sweep_report.plot(out, rows, axes, f"test_{metric}", title)
+    sweep_report.write_markdown(out / "results.md", rows, axes, value, title)
+    plots = sweep_report.plot(out, rows, axes, value, title)
     print(f"[sweep] {len(rows)} runs -> {out}/results.csv, results.md, {', '.join(plots)}")
     return rows
 
 
 def sweep(argv: Sequence[str]) -> None:
     """The entry point's work, after flag parsing: check everything, then run, then collect."""
-    from distill_sbs.data import registry
 
     if not FLAGS.out:
         raise SweepError("--out is required")
@@ -409,13 +437,8 @@ def sweep(argv: Sequence[str]) -> None:
     check_manifest(out, files, bindings, fingerprint)
     check_axes(files, bindings, axes)
     plans = {r.name: plan(r, FLAGS.test_split) for r in runs}
-    metric = FLAGS.metric or next(iter(plans.values())).best_metric.split("/")[-1]
+    metrics = run_metrics(runs, plans, FLAGS.metric)
     for run in runs:
-        dataset_metrics = metric_names(registry.dataset_and_method(plans[run.name].mixture)[0])
-        if metric not in dataset_metrics:
-            raise SweepError(
-                f"--metric={metric}: run {run.name} reports only {', '.join(dataset_metrics)}"
-            )
         check_run_dir(out / "runs" / run.name, run)
     if FLAGS.print_commands:
         print_commands(runs, out, argv)
@@ -427,7 +450,7 @@ def sweep(argv: Sequence[str]) -> None:
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
         selected = [r for r in runs if not FLAGS.only or r.name in FLAGS.only]
         run_all(selected, plans, out, FLAGS.test_split)
-    collect(runs, out, metric, FLAGS.title or out.name)
+    collect(runs, out, metrics, FLAGS.title or out.name)
 
 
 def _use_compilation_cache(out: epath.Path) -> None:
@@ -444,7 +467,9 @@ def define_flags() -> None:
         "out", None, "Directory of the sweep: runs/, results.csv, results.md, plots."
     )
     flags.DEFINE_multi_string("axis", [], "NAME=v1,v2,...: one axis of the grid (repeatable).")
-    flags.DEFINE_string("metric", None, "Metric to report (default: the one of train.best_metric).")
+    flags.DEFINE_string(
+        "metric", None, "Metric to report (default: each run's own, that of its train.best_metric)."
+    )
     flags.DEFINE_string("test_split", "test", "Split the selected checkpoint is scored on.")
     flags.DEFINE_multi_string("only", [], "Run only these runs (names as in OUT/runs/).")
     flags.DEFINE_boolean(

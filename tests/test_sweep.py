@@ -75,6 +75,43 @@ def _plan(*bindings: str, files=(MINI,)):
     return sweep.plan(run, "test")
 
 
+def test_default_metric_is_each_runs_own_across_datasets(tmp_path):
+    """Issue 21: the first command of docs/reproduction.md (--axis=dataset=cqa,svamp, no --metric)
+    exited 2 with "--metric=accuracy: run dataset=svamp,... reports only equation_accuracy": the
+    default was the first run's metric."""
+    from _shared_data import require_dss
+
+    bindings = ["PRETRAINED_DIR = '/ckpt'", f"DATA_DIR = '{require_dss()}'"]
+    axes = sweep.parse_axes(["dataset=cqa,svamp", "METHOD=dss"])
+    runs = sweep.grid(["paper/base.gin", "models/t5_1_1_small.gin"], bindings, axes)
+    plans = {}
+    for run in runs:
+        gin.clear_config()
+        plans[run.name] = sweep.plan(run, "test")
+    cqa, svamp = "dataset=cqa,METHOD=dss", "dataset=svamp,METHOD=dss"
+    metrics = sweep.run_metrics(runs, plans, None)
+    assert metrics == {cqa: "accuracy", svamp: "equation_accuracy"}
+    with pytest.raises(sweep.SweepError, match=f"--metric=accuracy: run {svamp} reports only"):
+        sweep.run_metrics(runs, plans, "accuracy")
+    # the report of a grid with two metrics names each row's
+    scores = [("cqa_dss_label", 61.0), ("svamp_dss_label", 42.0)]
+    for run, (task, value) in zip(runs, scores, strict=True):
+        metric = metrics[run.name]
+        result = {"best_step": 3, "seconds": 1.0, "test": {f"{task}/{metric}": value},
+                  "validation": {f"{task}/{metric}": value + 1}}  # fmt: skip
+        (tmp_path / "runs" / run.name).mkdir(parents=True)
+        (tmp_path / "runs" / run.name / sweep.RESULT).write_text(json.dumps(result))
+    rows = sweep.collect(runs, tmp_path, metrics, "t")
+    assert [(r["metric"], r["validation"], r["test"]) for r in rows] == [
+        ("accuracy", 62.0, 61.0),
+        ("equation_accuracy", 43.0, 42.0),
+    ]
+    with open(tmp_path / "results.csv") as f:
+        assert next(csv.reader(f)) == [
+            "run", "dataset", "METHOD", "best_step", "metric", "validation", "test", "seconds",
+        ]  # fmt: skip
+
+
 def test_plan_of_the_miniature_selects_on_validation():
     p = _plan("METHOD = 'dss'")
     assert (p.mixture, p.best_metric, p.eval_split) == (
