@@ -98,11 +98,15 @@ def project_imports(path: pathlib.Path, modules: Collection[str]) -> set[str]:
             continue
         for name in names:
             if name == "distill_sbs" or name.startswith("distill_sbs."):
-                name = name.removeprefix("distill_sbs").removeprefix(".")
-                while name and name not in modules:
-                    name = name.rpartition(".")[0]
-                out.add(name)
+                out.add(_enclosing(name.removeprefix("distill_sbs").removeprefix("."), modules))
     return out
+
+
+def _enclosing(name: str, modules: Collection[str]) -> str:
+    """The longest of `modules` that is `name` or holds it (data.registry.X -> data.registry)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name
 
 
 # ---- the rules, each a list of what breaks it -------------------------------------------------
@@ -297,8 +301,9 @@ def _defines(path: pathlib.Path) -> set[str]:
 
 def _tested_modules(path: pathlib.Path) -> set[str]:
     """The modules a test file reaches: those it imports (a name imported from a package counts
-    for the module of the package that defines it), those it runs (`distill_sbs.<module>` in its
-    text, as `python -m` does), and those they import (a module tested through its caller)."""
+    for the module of the package that defines it), those it runs or loads by name
+    (`distill_sbs.<module>` or `distill_sbs/<path>.py` in its text: `python -m`, a gin import), and
+    those the imported ones import (a module tested through its caller)."""
     imported = project_imports(path, FILES)
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("distill_sbs."):
@@ -308,7 +313,8 @@ def _tested_modules(path: pathlib.Path) -> set[str]:
                 for module, file in FILES.items()
                 if module.startswith(package + ".") and names & _defines(file)
             }
-    runs = set(re.findall(r"distill_sbs\.([\w.]+)", path.read_text())) & set(FILES)
+    named = re.findall(r"distill_sbs[./]([\w./]*\w)", path.read_text())
+    runs = {_enclosing(n.removesuffix(".py").replace("/", "."), FILES) for n in named} - {""}
     return imported | runs | {m for i in imported for m in project_imports(FILES[i], FILES)}
 
 
