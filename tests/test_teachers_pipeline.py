@@ -176,6 +176,21 @@ def test_unparsed_output_is_kept_as_a_failure_sample(server, tmp_path):
     assert sample.rationale == "" and sample.label is None and sample.raw == "I do not know"
 
 
+def test_empty_answers_are_stored_as_the_reader_reads_them_with_a_warning(server, tmp_path, caplog):
+    """Issue 21: an empty answer was stored as "raw": " ", which the data layer refuses (the
+    whole file), and a teacher that parsed nothing passed without a word."""
+    server.engine.generator.respond = lambda p, params, seed: ""
+    with RequestCache(str(tmp_path / "cache.jsonl")) as cache:
+        result = annotate(RECORDS[:2], [_teacher(server)], cache, metric="numeric")
+    s = result.teachers["t"]
+    assert (s.samples, s.parsed) == (2, 0) and result.unparsed_teachers() == ["t"]
+    assert "teacher t: none of its 2 samples parsed" in caplog.text
+    sample = result.records[0].teachers["t"][0]
+    assert (sample.rationale, sample.label, sample.raw) == ("", None, "")
+    write_jsonl(tmp_path / "out.jsonl", result.records)
+    assert read_jsonl(tmp_path / "out.jsonl") == result.records
+
+
 def test_failures_are_listed_and_a_rerun_sends_only_them(tmp_path):
     # Requests 2 and 3 fail and are not retried: two examples fail, the rest are annotated.
     with fault_server(FakeGenerator(oracle), "500@2-3", model_name="m") as s:

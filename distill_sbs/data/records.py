@@ -86,8 +86,9 @@ def _teacher_sample(s: Any, where: str, path: str) -> TeacherSample:
     if not isinstance(raw, str):
         raise RecordError(f"{where}: {path}.raw must be a string, got {raw!r}")
     if not rationale.strip():
-        # The one legitimate empty rationale: a recorded parse failure (no label, raw kept).
-        if label is not None or not raw.strip():
+        # The one legitimate empty rationale: a recorded parse failure (no label, raw kept,
+        # "" when the teacher answered nothing).
+        if label is not None or "raw" not in s:
             raise RecordError(
                 f"{where}: {path}.rationale is empty (a sample that failed to parse must have "
                 '"label": null and its "raw" text)'

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import sys
 import threading
 import time
@@ -32,6 +33,8 @@ from distill_sbs.teachers.backends import (
 )
 from distill_sbs.teachers.cache import RequestCache, request_key
 from distill_sbs.teachers.exemplars import get_exemplars
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +207,11 @@ class AnnotationResult:
     teachers: dict[str, TeacherSummary]
     cache_torn_lines_dropped: int = 0
 
+    def unparsed_teachers(self) -> list[str]:
+        """The teachers none of whose samples parsed (a wrong strategy, or a teacher that says
+        nothing): their records carry no rationale to train on."""
+        return [name for name, s in self.teachers.items() if s.samples and not s.parsed]
+
     def summary(self) -> dict[str, Any]:
         return {
             "examples": len(self.records) + len(self.failed),
@@ -342,7 +350,15 @@ def annotate(
                 summaries[cfg.name].examples_without_samples += 1
         out.append(rec)
     failed_list = [{"id": r.id, "errors": failed[r.id]} for r in records if r.id in failed]
-    return AnnotationResult(out, failed_list, summaries, cache.torn_lines_dropped)
+    result = AnnotationResult(out, failed_list, summaries, cache.torn_lines_dropped)
+    for name in result.unparsed_teachers():
+        logger.warning(
+            "teacher %s: none of its %d samples parsed (empty or off-format answers): check its "
+            "strategy, exemplars and max_tokens before training on this file",
+            name,
+            summaries[name].samples,
+        )
+    return result
 
 
 def _strategy(
@@ -407,8 +423,8 @@ def _read_samples(
         if ok:
             summary.parsed += 1
             sample = TeacherSample(rationale=rationale, label=label, raw=raw)
-        else:  # a recorded parse failure, as the data layer expects it
-            sample = TeacherSample(rationale="", label=None, raw=raw or " ")
+        else:  # a recorded parse failure, as the data layer reads it ("" if the text was)
+            sample = TeacherSample(rationale="", label=None, raw=raw)
         correct = None
         if ok and r.label is not None:
             summary.with_gold += 1
