@@ -275,9 +275,10 @@ def _gin():
     gin.clear_config()
 
 
-def test_pretrained_checkpoint_initialises_every_method(tmp_path, _gin):
-    """Pretrain a tiny student a few steps, then start every method from it with learning rate
-    0: after one step the parameters are the pretrained ones, bit for bit."""
+def test_pretrained_checkpoint_initialises_every_method(tmp_path, _gin, capsys):
+    """Pretrain a tiny student a few steps; every method's run loads it as its initial checkpoint
+    (each parameter checked against the method's model), and a DSS step at learning rate 0
+    leaves the parameters the pretrained ones, bit for bit."""
     import jax
 
     from distill_sbs import checkpoints
@@ -297,17 +298,29 @@ def test_pretrained_checkpoint_initialises_every_method(tmp_path, _gin):
     )
     want = checkpoints.load_native(pretrained).params
     gin.bind_parameter("create_optimizer.learning_rate", 0.0)
-    for method in TRAINING_METHODS:
-        model_dir = str(tmp_path / method)
+    lengths = {"inputs": 48, "targets": 48}
+    for method in TRAINING_METHODS:  # set up and initialised, no step (one compile in all)
+        capsys.readouterr()
         train(
-            model_dir=model_dir,
+            model_dir=str(tmp_path / method),
             mixture_or_task_name=f"world_{method}",
-            task_feature_lengths={"inputs": 48, "targets": 48},
+            task_feature_lengths=lengths,
             train_steps=1,
+            stop_after_steps=0,
             initial_checkpoint_path=pretrained,
             **common,
         )
-        got = checkpoints.load_native(model_dir).params
-        same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), got, want)
-        assert all(jax.tree_util.tree_leaves(same)), method
-        assert os.path.isdir(os.path.join(model_dir, "checkpoint_1"))
+        assert f"initialised from {pretrained}" in capsys.readouterr().out, method
+    model_dir = str(tmp_path / "dss_step")
+    train(
+        model_dir=model_dir,
+        mixture_or_task_name="world_dss",
+        task_feature_lengths=lengths,
+        train_steps=1,
+        initial_checkpoint_path=pretrained,
+        **common,
+    )
+    got = checkpoints.load_native(model_dir).params
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), got, want)
+    assert all(jax.tree_util.tree_leaves(same))
+    assert os.path.isdir(os.path.join(model_dir, "checkpoint_1"))

@@ -188,22 +188,27 @@ SENTINEL = "<extra_id_0>"
 class ClozeProbe:
     entity: str
     attribute: str  # class, habitat, size or diet
-    phrasing: str  # "corpus" (the first corpus template) or "held_out"
+    phrasing: str  # "corpus" (PROBE_TEMPLATES) or "held_out" (never in the corpus)
     text: str  # the fact with its value replaced by SENTINEL
     choices: tuple[str, ...]  # the attribute's values as written
     answer: str
     seen: bool
 
 
+# The corpus phrasing each probe uses: one whose words before the value name the attribute ("The
+# bamor is <X> in size." would read "The bamor is" as the start of "one of the birds" too).
+PROBE_TEMPLATES = {"class": 0, "habitat": 0, "size": 2, "diet": 0}
+
+
 def cloze_probes() -> list[ClozeProbe]:
-    """One probe per entity, attribute (not prey) and phrasing (corpus's first, held out)."""
+    """One probe per entity, attribute (not prey) and phrasing (PROBE_TEMPLATES', held out)."""
     out = []
     for e in entities():
         for attribute in VALUES:
             choices = tuple(_value_text(attribute, v) for v in VALUES[attribute])
             answer = _value_text(attribute, e.value(attribute))
             for phrasing, template in (
-                ("corpus", CORPUS_TEMPLATES[attribute][0]),
+                ("corpus", CORPUS_TEMPLATES[attribute][PROBE_TEMPLATES[attribute]]),
                 ("held_out", HELD_OUT_TEMPLATES[attribute]),
             ):
                 text = template.format(e=e.name, v=SENTINEL)
