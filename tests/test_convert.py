@@ -173,7 +173,7 @@ def test_config_round_trip_for_each_variant():
 @pytest.mark.parametrize(
     "args,message",
     [
-        ((), "expected one command, hf-to-native or native-to-hf; got []"),
+        ((), f"expected one command, {' or '.join(convert.COMMANDS)}; got []"),
         (("hf-to-native", "--out", "/tmp/x"), "hf-to-native needs --hf_dir and --out"),
         (
             ("native-to-hf", "--hf_dir=/a", "--checkpoint", "/b", "--out=/c"),
