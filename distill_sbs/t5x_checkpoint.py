@@ -40,6 +40,10 @@ from distill_sbs.errors import UserError
 from distill_sbs.network import T5Config
 
 MSGPACK_FILE = "checkpoint"
+# What T5X writes with use_orbax (its train.py's default now): checkpoint_<step>/state, an orbax
+# PyTree checkpoint (OCDBT) of the same tree, one zarr array per leaf.
+ORBAX_STATE = "state"
+ORBAX_METADATA = "_METADATA"
 STEP_PREFIX = "checkpoint"
 VERSION = 3  # what upstream's Checkpointer writes
 _STEP_DIR = re.compile(rf"^{STEP_PREFIX}_(\d+)$")
@@ -72,10 +76,8 @@ class T5XCheckpointError(UserError):
 
 
 def _is_step_dir(path: str) -> bool:
-    return (
-        storage.exists(storage.join(path, MSGPACK_FILE))
-        and not storage.Path(storage.join(path, MSGPACK_FILE)).is_dir()
-    )
+    msgpack = storage.Path(storage.join(path, MSGPACK_FILE))
+    return msgpack.is_file() or storage.exists(storage.join(path, ORBAX_STATE, ORBAX_METADATA))
 
 
 def _steps(model_dir: str) -> dict[int, str]:
@@ -152,12 +154,48 @@ class T5XCheckpoint:
         return tuple(leaf["metadata"]["shape"]) if _is_spec(leaf) else tuple(np.shape(leaf))
 
 
+def _open_orbax(step_dir: str, found: int | None) -> T5XCheckpoint:
+    """The `target` leaves of an orbax-format T5X step, as specs of zarr arrays in its OCDBT
+    store (their shapes read from the arrays' metadata)."""
+    import tensorstore as ts
+
+    state = storage.join(step_dir, ORBAX_STATE)
+    meta_file = storage.join(state, ORBAX_METADATA)
+    try:
+        keys = [
+            [k["key"] for k in entry["key_metadata"]]
+            for entry in storage.read_json(meta_file)["tree_metadata"].values()
+        ]
+    except (ValueError, KeyError, TypeError) as e:
+        raise T5XCheckpointError(f"{meta_file}: not an orbax T5X checkpoint ({e})") from e
+    base = storage.resolve(state).rstrip("/") + "/"
+    base = base if "://" in base else f"file://{base}"
+    target = {}
+    for key in keys:
+        if key[0] != "target":
+            continue
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "ocdbt", "base": base, "path": ".".join(key)},
+        }
+        try:
+            shape = ts.open(spec, open=True).result().shape
+        except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/bare errors
+            raise T5XCheckpointError(f"{state}: cannot open {'.'.join(key)}: {e}") from e
+        target[tuple(key[1:])] = {**spec, "metadata": {"shape": list(shape)}}
+    if not target:
+        raise T5XCheckpointError(f"{meta_file}: not a T5X checkpoint (no 'target' parameters)")
+    return T5XCheckpoint(step_dir, found, target)
+
+
 def open_checkpoint(path: str, step: int | None = None) -> T5XCheckpoint:
-    """Reads the msgpack file of a T5X checkpoint (the arrays stay on disk)."""
+    """Reads the msgpack file (or orbax metadata) of a T5X checkpoint; arrays stay on disk."""
     from flax import serialization
 
     step_dir, found = find_step_dir(path, step)
     file = storage.join(step_dir, MSGPACK_FILE)
+    if not storage.Path(file).is_file():
+        return _open_orbax(step_dir, found)
     try:
         contents = serialization.msgpack_restore(storage.read_bytes(file))
     except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types
@@ -308,7 +346,8 @@ def _store(step_dir: str, leaf: dict[str, Any]) -> Any:
     import tensorstore as ts
 
     spec = {k: v for k, v in leaf.items() if k not in ("path", "metadata")}
-    spec["kvstore"] = _kvstore(step_dir, leaf)
+    if leaf["kvstore"]["driver"] != "ocdbt":  # orbax's are absolute already
+        spec["kvstore"] = _kvstore(step_dir, leaf)
     # chunks and compressor are read from the array's own .zarray; only the shape is checked
     spec["metadata"] = {"shape": list(leaf["metadata"]["shape"])}
     try:

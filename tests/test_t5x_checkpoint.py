@@ -2,7 +2,8 @@
 
 Upstream T5X (t5x.examples.t5 network, its Checkpointer) writes a T5 1.0 layout (tied, ReLU) and a
 T5 1.1 / Flan-T5 layout (untied, gated GELU), each in float32 and bfloat16, with Adafactor state
-and without optimizer state (an InferenceState). Then, in the same process:
+and without optimizer state (an InferenceState), and T5 1.1 in the orbax format T5X's train.py
+writes by default now (checkpoint_<step>/state). Then, in the same process:
 (a) distill_sbs.load on each T5X checkpoint, and on its t5x-to-native conversion, gives upstream
     T5X's logits on fixed tokens (padded inputs; at the target tokens) within 1e-5, T5X computing
     from the parameters it restores;
@@ -34,7 +35,7 @@ UPSTREAM = SHARED / "upstream"
 MODELS_GIN = REPO / "distill_sbs" / "gin" / "models"
 
 UPSTREAM_SCRIPT = r"""
-import json, sys
+import json, os, sys
 import jax, jax.numpy as jnp, numpy as np, seqio
 from t5x import adafactor, checkpoints, models, partitioning
 from t5x import train_state as train_state_lib
@@ -125,6 +126,25 @@ for layout, fields in LAYOUTS.items():
             got = leaves(jax.tree.map(lambda x: np.asarray(x, np.float32), train.params))
             want = leaves(back32)
             r["initial_checkpoint"] = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
+# What upstream t5x/train.py writes by default now (use_orbax): checkpoint_<step>/state, an orbax
+# checkpoint of the same tree; T5X's own restore of it is the oracle
+name, d = "t5_1_1_float32_orbax", f"{root}/t5_1_1_float32_orbax"
+os.makedirs(d)
+state = train_state_lib.FlaxOptimTrainState.create(model.optimizer_def, variables)
+manager = checkpoints.OrbaxCheckpointManagerInterface(d, state, part)
+manager.save(state)
+manager.wait_until_finished()
+restored = manager.restore(step=0).params
+ref = model.module.apply({"params": restored}, enc, dec, tgt, enable_dropout=False)
+r = result[name] = {"ref_max": float(np.max(np.abs(ref)))}
+config, logits = ours(d)
+r["config"] = {k: getattr(config, k) for k in ("vocab_size", "emb_dim", "num_heads",
+               "head_dim", "mlp_dim", "num_encoder_layers", "num_decoder_layers",
+               "logits_via_embedding", "relative_attention_num_buckets")}
+r["config"]["mlp_activations"] = list(config.mlp_activations)
+r["load"] = diff(logits, ref)
+t5x_checkpoint.t5x_to_native(d, f"{root}/{name}_native")
+r["native"] = diff(ours(f"{root}/{name}_native")[1], ref)
 print("RESULT " + json.dumps(result))
 """
 
@@ -209,12 +229,13 @@ CASES = [
     "t5_1_1_bfloat16_adafactor",
     "t5_1_1_bfloat16_none",
 ]
+ORBAX = "t5_1_1_float32_orbax"
 
 
 @pytest.mark.slow
 def test_checkpoint_shape_is_read_from_the_arrays(upstream):
     result, _ = upstream
-    assert sorted(result) == sorted(CASES)
+    assert sorted(result) == sorted([*CASES, ORBAX])
     for name, r in result.items():
         want = {
             "t5_1_0": dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
@@ -228,7 +249,7 @@ def test_checkpoint_shape_is_read_from_the_arrays(upstream):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", [*CASES, ORBAX])
 def test_t5x_checkpoint_gives_upstream_logits(upstream, name):
     r = upstream[0][name]
     assert r["ref_max"] > 0.1  # logits that are not all zero
