@@ -13,16 +13,17 @@ frequencies gets).
 
 from __future__ import annotations
 
-import argparse
 import collections
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 
-from distill_sbs import storage
+from distill_sbs import program, storage
 from distill_sbs.data import world
+from distill_sbs.errors import UserError
 
 
 def _pad(rows: list[list[int]], length: int) -> np.ndarray:
@@ -87,26 +88,27 @@ def cloze_recall(
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="native checkpoint or MODEL_DIR")
-    parser.add_argument("--output", help="write the figures as JSON here too")
-    args = parser.parse_args(argv)
-    if not storage.exists(args.checkpoint):
-        raise SystemExit(f"error: --checkpoint={args.checkpoint}: no such checkpoint directory")
+def define_flags() -> None:
+    """The program's flags (defined by program.run, never at import)."""
+    flags.DEFINE_string("checkpoint", None, "Native checkpoint or MODEL_DIR.", required=True)
+    flags.DEFINE_string("output", None, "Also write the figures as JSON here.")
+
+
+def main() -> None:
     from distill_sbs import models
 
-    model, params = models.load(args.checkpoint)
+    path = flags.FLAGS.checkpoint
+    if not storage.exists(path):
+        raise UserError(f"--checkpoint={path}: no such checkpoint directory")
+    model, params = models.load(path)
     if model.vocabulary is None or model.vocabulary.vocab_size != world.vocabulary().vocab_size:
-        raise SystemExit(
-            f"error: --checkpoint={args.checkpoint}: not a model over the world's vocabulary"
-        )
+        raise UserError(f"--checkpoint={path}: not a model over the world's vocabulary")
     results = cloze_recall(model, params)
     for k, v in results.items():
         print(f"{k:40s} {v:6.1f}")
-    if args.output:
-        storage.write_json(args.output, results)
+    if flags.FLAGS.output:
+        storage.write_json(flags.FLAGS.output, results)
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main, define_flags)
