@@ -240,23 +240,31 @@ def import_task_module() -> None:
         raise UserError(f"MIXTURE_OR_TASK_MODULE={module!r} cannot be imported: {e}") from e
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """The gin flags (--gin_file, --gin_bindings, --gin_search_paths) and T5X's --tfds_data_dir,
     defined by `run` (importing cli defines none)."""
-    if "gin_file" in FLAGS:  # run twice in one process (a test)
+    if "gin_file" in flag_values:  # run twice in one process (a test)
         return
-    flags.DEFINE_multi_string("gin_file", None, "gin config file(s); see --gin_search_paths.")
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_multi_string("gin_file", None, "gin config file(s); see --gin_search_paths.", **fv)
     flags.DEFINE_multi_string(
-        "gin_bindings", [], "gin binding(s), e.g. 'TRAIN_STEPS = 100'; short: --gin.TRAIN_STEPS=100"
+        "gin_bindings",
+        [],
+        "gin binding(s), e.g. 'TRAIN_STEPS = 100'; short: --gin.TRAIN_STEPS=100",
+        **fv,
     )
     flags.DEFINE_multi_string(
         "gin_search_paths",
         [],
         f"directories searched for gin files (and {GIN_DIR} always); repeatable or "
         "comma-separated.",
+        **fv,
     )
     flags.DEFINE_string(
-        "tfds_data_dir", None, "as in T5X: the directory of TensorFlow Datasets' prepared data."
+        "tfds_data_dir",
+        None,
+        "as in T5X: the directory of TensorFlow Datasets' prepared data.",
+        **fv,
     )
 
 

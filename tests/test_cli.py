@@ -31,14 +31,14 @@ def test_gin_flags_and_resolve(tmp_path, monkeypatch):
         ["prog", "--gin_file=quickstart.gin", "--gin.TRAIN_STEPS=5", "--gin_bindings", "a.b = 1"]
     )
     assert argv[2] == "--gin_bindings=TRAIN_STEPS = 5"
+    assert "gin_file" not in flags.FLAGS  # importing cli defines no flag: cli.run does
     fv = flags.FlagValues()
-    for name in ("gin_file", "gin_bindings", "gin_search_paths"):
-        fv[name] = flags.FLAGS[name]  # the same flag definitions, parsed in isolation
+    cli.define_flags(fv)  # the same flag definitions, parsed in isolation
     assert fv(argv) == ["prog"]
     assert fv.gin_file == ["quickstart.gin"] and fv.gin_bindings == ["TRAIN_STEPS = 5", "a.b = 1"]
     with pytest.raises(flags.UnrecognizedFlagError):
         fv(["prog", "-x"])
-    with pytest.raises(SystemExit, match="--gin.KEY=VALUE"):
+    with pytest.raises(UserError, match="--gin.KEY=VALUE"):
         cli.rewrite_gin_args(["prog", "--gin.TRAIN_STEPS"])
 
     monkeypatch.chdir(tmp_path)  # the configs travel with the package, not the working directory
