@@ -74,10 +74,16 @@ def call_reporting_user_errors(fn: Callable[[], object]) -> object:
 def _parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's parse, with a bad flag reported as a user error (absl: several lines, status 1)."""
     try:
-        return FLAGS(list(argv))
+        rest = FLAGS(list(argv))
     except flags.Error as e:
         _exit_with(UserError(f"{one_line(e)} (see --help)"))
         raise  # unreachable: _exit_with raises
+    # absl raises an unset --verbosity to INFO right after this parse, which floods stderr with
+    # the libraries' (orbax, seqio) progress logs; keep warnings and errors only unless the user
+    # asks (--verbosity=0). Set here: once absl has raised it, the flag no longer looks unset.
+    if FLAGS["verbosity"].using_default_value:
+        FLAGS.verbosity = -1
+    return rest
 
 
 def _new_flags(define_flags: Callable[[], object] | None) -> list[str]:

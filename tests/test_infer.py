@@ -4,6 +4,7 @@ random checkpoint (arithmetic vocabulary)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -146,3 +147,7 @@ def test_launchers(checkpoint, tmp_path, subprocess_env, entry):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert expect in out.stdout, out.stdout[-3000:]
+    # Python libraries' INFO logs (orbax's restore progress, seqio's) stay off stderr unless
+    # --verbosity asks for them (absl raises an unset verbosity to INFO after parsing).
+    info = re.findall(r"^I\d{4} [\d:.]+ +\d+ [\w.]+\.py:\d+\].*$", out.stderr, re.MULTILINE)
+    assert not info, info[:3]
