@@ -179,7 +179,8 @@ def main() -> int:
 
 
 def _annotate() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # this package's progress lines (the libraries' INFO stays off: program.run)
+    logging.getLogger("distill_sbs").setLevel(logging.INFO)
     if bool(FLAGS.input) == bool(FLAGS.dataset):
         raise UserError("give exactly one of --input and --dataset")
     if not FLAGS.output:

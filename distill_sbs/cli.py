@@ -269,10 +269,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 def _setup_and_call(main: Callable[[], object]) -> None:
-    # absl raises an unset --verbosity to INFO, which floods stderr with the libraries' (orbax,
-    # seqio) progress logs; keep warnings and errors only unless the user asks (--verbosity=0).
-    if FLAGS["verbosity"].using_default_value:
-        FLAGS.verbosity = -1
     if not FLAGS.gin_file:
         raise UserError("no --gin_file given (e.g. --gin_file=runs/train.gin)")
     from distill_sbs.partitioning import maybe_initialize_distributed

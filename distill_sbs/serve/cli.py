@@ -30,7 +30,8 @@ def main(handler_class: type[CompletionHandler] = CompletionHandler) -> None:
     from distill_sbs.generation import ModelGenerator
 
     FLAGS = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # this package's progress lines (the libraries' INFO stays off: program.run)
+    logging.getLogger("distill_sbs").setLevel(logging.INFO)
     api_key = None
     if FLAGS.api_key_env:
         api_key = os.environ.get(FLAGS.api_key_env)
