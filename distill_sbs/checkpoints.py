@@ -190,23 +190,34 @@ def _read_fault(directory: str, e: BaseException) -> CorruptCheckpoint | None:
 
 
 class _OrbaxQuiet(py_logging.Filter):
-    """orbax reports a failed background save only in its log (tracebacks from its threads), and
-    asyncio logs each read of a failed restore it never awaited: those records are kept here
-    (the first save error becomes our one line) instead of printed."""
+    """orbax reports a failed background save only in its log (tracebacks from its threads):
+    those records are kept here (the first error becomes our one line) instead of printed."""
 
     def __init__(self) -> None:
         super().__init__()
         self.errors: list[BaseException] = []
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        from_orbax = "orbax" in record.pathname or record.name == "asyncio"
-        if not from_orbax or record.levelno < py_logging.ERROR:
+        if "orbax" not in record.pathname or record.levelno < py_logging.ERROR:
             return True
         if record.exc_info and record.exc_info[1] is not None:
             self.errors.append(record.exc_info[1])
-        elif "exception" in getattr(record, "__dict__", {}):  # asyncio's context
-            self.errors.append(record.__dict__["exception"])
         return _debug()
+
+
+class _OrbaxFutures(py_logging.Filter):
+    """asyncio logs each of orbax's reads or writes that failed after the first failure was
+    raised ("Task exception was never retrieved"), when they are collected, possibly at exit:
+    one traceback per array. The first failure is already reported; these are dropped."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if record.levelno < py_logging.ERROR or "never retrieved" not in str(record.msg):
+            return True
+        text = record.getMessage()
+        return _debug() if "orbax" in text or "tensorstore" in text else True
+
+
+py_logging.getLogger("asyncio").addFilter(_OrbaxFutures())
 
 
 def _debug() -> bool:
@@ -218,20 +229,18 @@ def _debug() -> bool:
 
 
 class _quiet_orbax:  # noqa: N801 - used as a context manager, like contextlib's
-    """Installs an _OrbaxQuiet on the absl and asyncio loggers while active."""
+    """Installs an _OrbaxQuiet on the absl logger while active."""
 
     def __init__(self) -> None:
         self.filter = _OrbaxQuiet()
 
     def __enter__(self) -> _OrbaxQuiet:
-        for name in ("absl", "asyncio"):
-            py_logging.getLogger(name).addFilter(self.filter)
+        py_logging.getLogger("absl").addFilter(self.filter)
         return self.filter
 
     def __exit__(self, *exc: object) -> None:
-        gc.collect()  # the never-awaited futures of a failed restore log when collected
-        for name in ("absl", "asyncio"):
-            py_logging.getLogger(name).removeFilter(self.filter)
+        gc.collect()  # the never-awaited futures of a failed read log when collected
+        py_logging.getLogger("absl").removeFilter(self.filter)
 
 
 def _restore_step(directory: str, restore: Callable[[], Any]) -> Any:
@@ -681,7 +690,11 @@ class CheckpointManager:
                 ),
             )
 
-        out = _restore_step(self.step_dir(step), restore)
+        logged = len(self._errors)
+        try:
+            out = _restore_step(self.step_dir(step), restore)
+        finally:
+            del self._errors[logged:]  # what orbax logged about a failed read is not a save error
         data_state = out[DATA_STATE_DIR]
         if not isinstance(data_state, dict) or "batches_consumed" not in data_state:
             path = storage.join(self.step_dir(step), DATA_STATE_DIR)
