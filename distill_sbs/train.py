@@ -557,8 +557,13 @@ def _final_metrics_of_finished_run(run: Run, train_steps: int) -> dict[str, floa
     path = storage.join(run.model_dir, FINAL_METRICS_FILE)
     if not storage.exists(path):
         return None
-    final = storage.read_json(path)
-    if int(final.get("step", -1)) < train_steps:
+    try:
+        final = storage.read_json(path)
+        done = int(final.get("step", -1)) >= train_steps
+    except (ValueError, AttributeError, TypeError) as e:  # cut short or garbled: written anew
+        print(f"warning: {path} is not readable ({e}); the run writes it again")
+        return None
+    if not done:
         return None  # TRAIN_STEPS raised since: the run goes on
     run.ckpt.close()
     print(f"{run.model_dir} has finished training (step {final.get('step')}): see {path}")
