@@ -372,14 +372,22 @@ def _float32(name: str, x: Any) -> np.ndarray:
 
 
 def _native_paths(config: T5Config) -> dict[Path, tuple[int, ...]]:
+    """Every native parameter's path and shape (the network's, not models.py's: no import cycle
+    with models and convert, which reach this module)."""
+    import flax.linen as nn
     import jax
+    import jax.numpy as jnp
 
-    from distill_sbs.models import EncoderDecoderModel
+    from distill_sbs.network import Transformer
 
-    abstract = jax.eval_shape(EncoderDecoderModel(config).init_params, jax.random.PRNGKey(0))
+    tokens = jnp.ones((1, 8), jnp.int32)
+    boxed = jax.eval_shape(
+        lambda r: Transformer(config).init({"params": r}, tokens, tokens)["params"],
+        jax.random.PRNGKey(0),
+    )
     return {
         tuple(str(k.key) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(boxed))
     }
 
 
