@@ -6,7 +6,9 @@ each batch row is one example with two parts, "predict" (input -> label) and "ex
 DataCollatorForSeq2Seq does (inputs with 0, labels with -100); the model runs two forward passes,
 loss = alpha * label_loss + (1 - alpha) * rationale_loss, each Hugging Face's token-mean
 cross-entropy; then backward, gradient clipping at 1.0 (the Trainer's default max_grad_norm) and an
-AdamW step (lr 5e-5, weight decay 0).
+AdamW step (lr 5e-5, weight decay 0). On an accelerator: bf16 as the Trainer's `--bf16` runs it
+(float32 weights and optimizer, the forward passes under torch.autocast) and PyTorch's scaled
+dot-product attention (`attn_implementation="sdpa"`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import transformers
+
+from distill_sbs import convert
+from distill_sbs.network import T5Config
 
 IGNORE_INDEX = -100  # DataCollatorForSeq2Seq's label padding
 
@@ -31,25 +36,23 @@ class DssExample:
     rationale: np.ndarray
 
 
+def hf_t5(
+    config: T5Config, attn_implementation: str | None = None
+) -> transformers.T5ForConditionalGeneration:
+    """Randomly initialised HF T5 of `config`'s shape and dropout (float32, training mode, CPU)."""
+    hf = convert.t5config_to_hf_config(config)
+    hf.pop("architectures")
+    hf.pop("model_type")
+    hf_config = transformers.T5Config(**hf)
+    if attn_implementation:
+        hf_config._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(hf_config).train()
+
+
 def t5_1_1_small(dropout_rate: float) -> transformers.T5ForConditionalGeneration:
     """Randomly initialised HF T5 of the t5_1_1 small shape (float32, training mode)."""
-    config = transformers.T5Config(
-        vocab_size=32128,
-        d_model=512,
-        d_kv=64,
-        d_ff=1024,
-        num_layers=8,
-        num_decoder_layers=8,
-        num_heads=6,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=dropout_rate,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(0)
-    return transformers.T5ForConditionalGeneration(config).train()
+    return hf_t5(T5Config(dropout_rate=dropout_rate))
 
 
 def _pad(rows: Sequence[np.ndarray], value: int) -> torch.Tensor:
@@ -60,16 +63,19 @@ def _pad(rows: Sequence[np.ndarray], value: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def collate(examples: Sequence[DssExample]) -> dict[str, dict[str, torch.Tensor]]:
-    """The two padded model inputs of one batch: {"pred": {...}, "expl": {...}}."""
+def collate(
+    examples: Sequence[DssExample], device: str | torch.device = "cpu"
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The two padded model inputs of one batch on `device`: {"pred": {...}, "expl": {...}}."""
 
     def part(inputs: list[np.ndarray], labels: list[np.ndarray]) -> dict[str, torch.Tensor]:
         ids = _pad(inputs, 0)
-        return {
+        out = {
             "input_ids": ids,
             "attention_mask": (ids != 0).long(),
             "labels": _pad(labels, IGNORE_INDEX),
         }
+        return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
     return {
         "pred": part([e.label_input for e in examples], [e.label for e in examples]),
@@ -87,8 +93,11 @@ class ReferenceDssTrainer:
         alpha: float = 0.5,
         learning_rate: float = 5e-5,
         max_grad_norm: float = 1.0,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.device_type = next(model.parameters()).device.type
+        self.autocast = autocast  # e.g. torch.bfloat16: mixed precision, float32 weights
         self.alpha = alpha
         self.max_grad_norm = max_grad_norm
         self.optimizer = torch.optim.AdamW(
@@ -97,11 +106,12 @@ class ReferenceDssTrainer:
 
     def step(self, batch: dict[str, dict[str, torch.Tensor]]) -> float:
         # Two forward passes, as the reference's compute_loss: one per task prefix.
-        label_loss = self.model(**batch["pred"]).loss
-        rationale_loss = self.model(**batch["expl"]).loss
-        loss = self.alpha * label_loss + (1.0 - self.alpha) * rationale_loss
+        with torch.autocast(self.device_type, self.autocast, enabled=self.autocast is not None):
+            label_loss = self.model(**batch["pred"]).loss
+            rationale_loss = self.model(**batch["expl"]).loss
+            loss = self.alpha * label_loss + (1.0 - self.alpha) * rationale_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return float(loss.detach())  # waits for the device

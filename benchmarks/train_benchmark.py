@@ -10,8 +10,9 @@ in the same process on the same CPU cores (--threads pins the process to that ma
 gives PyTorch as many threads; XLA sizes its pool from the same affinity mask).
 
 - ours: `distill_sbs.trainer.Trainer.train_step` (one jitted step, donated state, per-objective
-  loss of losses.py) on packed batches from our data layer (seqio packing through
-  `ObjectiveEncDecFeatureConverter`), each target token carrying its objective id.
+  loss of losses.py) on packed batches of our feature converter's layout, each target token
+  carrying its objective id: (a) packed in numpy by `distill_sbs.data.batches` (seqio's packing,
+  no TensorFlow: mode (a) runs where TensorFlow and seqio are not installed), (b) from SeqIO.
 - reference (`_reference_dss.py`): per batch of examples, two forward passes ("predict" rows ->
   label, "explain" rows -> rationale), each part padded to its longest row, backward, AdamW.
 
@@ -51,48 +52,54 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 # ---- configuration before jax / torch are imported (the thread count is fixed at import) ----
 from absl import app, flags  # imports neither jax nor torch
 
-_FLAGS = [
-    flags.DEFINE_enum("mode", "both", ["a", "b", "both"], "Which comparison to run."),
-    flags.DEFINE_integer("steps", 3, "Timed steps per side and mode."),
-    flags.DEFINE_integer("rounds", 3, "Alternate ours/reference in this many blocks."),
-    flags.DEFINE_integer(
-        "warmup",
-        2,
-        "Untimed steps per side first, alternating ours/reference (1: compilation; 2: also the "
-        "heap growth to what both sides need together, once).",
-    ),
-    flags.DEFINE_integer(
-        "threads",
-        1,
-        "CPU cores to pin to, both sides (0: all; oversubscribed cores cripple PyTorch).",
-    ),
-    flags.DEFINE_string("json_out", "", "Write the figures as JSON here."),
-    flags.DEFINE_integer("batch", 8, "Examples per reference step."),
-    flags.DEFINE_integer("input_length", 128, "(a) input tokens."),
-    flags.DEFINE_integer("label_length", 8, "(a) label tokens."),
-    flags.DEFINE_integer("rationale_length", 64, "(a) rationale tokens."),
-    flags.DEFINE_integer("pack_rows", 4, "(b) rows per packed batch."),
-    flags.DEFINE_string("pack_lengths", "256,96", "(b) packed feature lengths 'inputs,targets'."),
-    flags.DEFINE_float("dropout", 0.1, "Dropout rate of both sides."),
-    flags.DEFINE_float("alpha", 0.5, "DSS label weight."),
-    flags.DEFINE_integer("seed", 0, "Seed of the random examples and initialisation."),
-]
+
+def _define_flags() -> list[Any]:
+    """The flags, defined when the script runs (device_check imports this module as a library)."""
+    return [
+        flags.DEFINE_enum("mode", "both", ["a", "b", "both"], "Which comparison to run."),
+        flags.DEFINE_integer("steps", 3, "Timed steps per side and mode."),
+        flags.DEFINE_integer("rounds", 3, "Alternate ours/reference in this many blocks."),
+        flags.DEFINE_integer(
+            "warmup",
+            2,
+            "Untimed steps per side first, alternating ours/reference (1: compilation; 2: also "
+            "the heap growth to what both sides need together, once).",
+        ),
+        flags.DEFINE_integer(
+            "threads",
+            1,
+            "CPU cores to pin to, both sides (0: all; oversubscribed cores cripple PyTorch).",
+        ),
+        flags.DEFINE_string("json_out", "", "Write the figures as JSON here."),
+        flags.DEFINE_integer("batch", 8, "Examples per reference step."),
+        flags.DEFINE_integer("input_length", 128, "(a) input tokens."),
+        flags.DEFINE_integer("label_length", 8, "(a) label tokens."),
+        flags.DEFINE_integer("rationale_length", 64, "(a) rationale tokens."),
+        flags.DEFINE_integer("pack_rows", 4, "(b) rows per packed batch."),
+        flags.DEFINE_string(
+            "pack_lengths", "256,96", "(b) packed feature lengths 'inputs,targets'."
+        ),
+        flags.DEFINE_float("dropout", 0.1, "Dropout rate of both sides."),
+        flags.DEFINE_float("alpha", 0.5, "DSS label weight."),
+        flags.DEFINE_integer("seed", 0, "Seed of the random examples and initialisation."),
+    ]
 
 
 def parse_args(argv: Sequence[str]) -> SimpleNamespace:
     """This benchmark's flags as a namespace; bad flags exit with one usage error."""
+    holders = _define_flags()
     app.define_help_flags()
     rest = app.parse_flags_with_usage(list(argv))
     if len(rest) > 1:
         raise SystemExit(f"unexpected arguments {rest[1:]}")
-    return SimpleNamespace(**{holder.name: holder.value for holder in _FLAGS})
+    return SimpleNamespace(**{holder.name: holder.value for holder in holders})
 
 
 ARGS = parse_args(sys.argv) if __name__ == "__main__" else None
@@ -111,6 +118,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from distill_sbs import optimizers, partitioning  # noqa: E402
+from distill_sbs.data import batches  # noqa: E402
 from distill_sbs.flops import sequence_train_flops  # noqa: E402
 from distill_sbs.models import EncoderDecoderModel  # noqa: E402
 from distill_sbs.network import T5Config  # noqa: E402
@@ -169,21 +177,17 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 class Ours:
-    """Our Trainer on the t5_1_1 small shape, fresh state."""
+    """Our Trainer on `config` (t5_1_1 small by default), fresh state, AdamW lr 5e-5, clip 1.0."""
 
-    def __init__(self, args: SimpleNamespace) -> None:
-        self.config = T5Config(dropout_rate=args.dropout)
-        model = EncoderDecoderModel(self.config)
+    def __init__(self, config: T5Config, alpha: float, seed: int) -> None:
+        self.config = config
+        model = EncoderDecoderModel(config)
         optimizer, _ = optimizers.create_optimizer("adamw", learning_rate=5e-5, grad_clip_norm=1.0)
         self.partitioner = partitioning.create_partitioner()
         self.trainer = Trainer(
-            model,
-            optimizer,
-            self.partitioner,
-            [args.alpha, 1.0 - args.alpha],
-            dropout_seed=args.seed,
+            model, optimizer, self.partitioner, [alpha, 1.0 - alpha], dropout_seed=seed
         )
-        self.state = self.trainer.init_state(jax.random.PRNGKey(args.seed))
+        self.state = self.trainer.init_state(jax.random.PRNGKey(seed))
         self.metrics = None
 
     def step(self, batch: Batch) -> None:
@@ -199,47 +203,58 @@ class Ours:
         return float(m["loss_sum"]) / float(m["num_steps"])
 
 
-def _objective_examples_ds(pairs: Sequence[tuple[np.ndarray, np.ndarray, int]]):
-    import tensorflow as tf
-
-    def gen() -> Iterator[dict[str, np.ndarray]]:
-        for inputs, targets, obj in pairs:
-            yield {"inputs": inputs, "targets": targets, "objective_id": np.array([obj], np.int32)}
-
-    spec = {
-        "inputs": tf.TensorSpec([None], tf.int32),
-        "targets": tf.TensorSpec([None], tf.int32),
-        "objective_id": tf.TensorSpec([1], tf.int32),
-    }
-    return tf.data.Dataset.from_generator(gen, output_signature=spec)
-
-
 def pack_examples(examples: Sequence[ref.DssExample], input_len: int, target_len: int) -> Batch:
-    """One packed batch of `examples` through our feature converter (label then rationale)."""
-    from distill_sbs.data import ObjectiveEncDecFeatureConverter
-
+    """One packed batch of `examples` (label then rationale of each), as our feature converter
+    packs them (data/batches.py: numpy, no TensorFlow)."""
     pairs = []
     for e in examples:
-        pairs.append((e.label_input.astype(np.int32), e.label.astype(np.int32), 0))
-        pairs.append((e.rationale_input.astype(np.int32), e.rationale.astype(np.int32), 1))
-    ds = ObjectiveEncDecFeatureConverter(pack=True)(
-        _objective_examples_ds(pairs), {"inputs": input_len, "targets": target_len}
-    )
-    rows = list(ds.as_numpy_iterator())
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        pairs.append({"inputs": e.label_input, "targets": e.label, "objective_id": 0})
+        pairs.append({"inputs": e.rationale_input, "targets": e.rationale, "objective_id": 1})
+    rows = batches.pack_rows(pairs, {"inputs": input_len, "targets": target_len})
+    return next(batches.batch_rows(rows, len(rows)))
 
 
 # ---- data --------------------------------------------------------------------------------------
 
 
-def random_examples(args: SimpleNamespace, rng: np.random.Generator) -> list[ref.DssExample]:
+def random_examples(
+    rng: np.random.Generator,
+    batch: int,
+    input_length: int,
+    label_length: int,
+    rationale_length: int,
+    vocab_size: int = 32000,
+) -> list[ref.DssExample]:
+    """`batch` DSS examples of random ids of exactly these lengths (EOS last)."""
+
     def ids(n: int) -> np.ndarray:
-        x = rng.integers(2, 32000, n).astype(np.int64)
+        x = rng.integers(2, vocab_size, n).astype(np.int64)
         x[-1] = 1  # EOS
         return x
 
-    n, lab, rat = args.input_length, args.label_length, args.rationale_length
-    return [ref.DssExample(ids(n), ids(lab), ids(n), ids(rat)) for _ in range(args.batch)]
+    n, lab, rat = input_length, label_length, rationale_length
+    return [ref.DssExample(ids(n), ids(lab), ids(n), ids(rat)) for _ in range(batch)]
+
+
+def fixed_shape_batches(
+    rng: np.random.Generator,
+    steps: int,
+    batch: int,
+    input_length: int,
+    label_length: int,
+    rationale_length: int,
+    vocab_size: int = 32000,
+) -> tuple[list[Batch], list[list[ref.DssExample]]]:
+    """(ours, reference) batches of mode (a): one row per example holding its two inputs and its
+    label + rationale targets, so ours computes exactly the reference's tokens, no padding."""
+    lengths = (input_length, label_length, rationale_length)
+    ref_batches = [random_examples(rng, batch, *lengths, vocab_size) for _ in range(steps)]
+    in_len, tgt_len = 2 * input_length, label_length + rationale_length
+    ours_batches = [pack_examples(b, in_len, tgt_len) for b in ref_batches]
+    rows = {len(b["encoder_input_tokens"]) for b in ours_batches}
+    if rows != {batch}:
+        raise RuntimeError(f"packing gave {rows} rows per batch, expected {batch}")
+    return ours_batches, ref_batches
 
 
 def cqa_examples() -> list[ref.DssExample]:
@@ -341,17 +356,20 @@ def _alternate(
             run_ref(i)
 
 
-def run_mode(
-    mode: str,
-    args: SimpleNamespace,
-    peak: float,
+def compare_steps(
+    ours: Ours,
+    reference: ref.ReferenceDssTrainer,
     ours_batches: Sequence[Batch],
     ref_batches: Sequence[Sequence[ref.DssExample]],
+    *,
     warmup: int,
+    steps: int,
+    rounds: int,
+    peak: float,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Times ours on ours_batches and the reference on ref_batches (first `warmup` untimed)."""
-    ours = Ours(args)
-    model = ref.ReferenceDssTrainer(ref.t5_1_1_small(args.dropout), alpha=args.alpha)
+    """Times ours on ours_batches and the reference on ref_batches (first `warmup` untimed);
+    the reference's batches are collated onto `device` inside its timed step."""
     a, r = Side("ours"), Side("reference")
 
     # Untimed: compilation (ours), then the process heap's growth. Both sides share one heap
@@ -360,7 +378,7 @@ def run_mode(
     # system time in that one step on this VM, none after (getrusage per step).
     for i in range(warmup):
         a.warmup_s.append(_timed(lambda i=i: ours.step(ours_batches[i])))
-        r.warmup_s.append(_timed(lambda i=i: model.step(ref.collate(ref_batches[i]))))
+        r.warmup_s.append(_timed(lambda i=i: reference.step(ref.collate(ref_batches[i], device))))
 
     def run_ours(i: int) -> None:
         batch = ours_batches[warmup + i]
@@ -375,8 +393,8 @@ def run_mode(
         examples = ref_batches[warmup + i]
         # Collation (dynamic padding) is timed: the reference's dataloader does it per batch.
         t0 = time.perf_counter()
-        batch = ref.collate(examples)
-        model.step(batch)
+        batch = ref.collate(examples, device)
+        reference.step(batch)
         r.times.append(time.perf_counter() - t0)
         r.examples += len(examples)
         for e in examples:
@@ -387,12 +405,36 @@ def run_mode(
         for part in batch.values():  # computed positions: inputs and labels, padded
             r.padded_tokens += part["input_ids"].numel() + part["labels"].numel()
 
-    _alternate(args.steps, args.rounds, run_ours, run_ref)
+    _alternate(steps, rounds, run_ours, run_ref)
     out = {"ours": a.summary(peak), "reference": r.summary(peak)}
     out["ratio_examples_per_s"] = out["ours"]["examples_per_s"] / out["reference"]["examples_per_s"]
     out["ours"]["final_mean_loss"] = ours.mean_loss()
     shapes = {k: list(v.shape) for k, v in ours_batches[0].items() if k.endswith("_tokens")}
     out["ours"]["batch_shapes"] = shapes
+    return out
+
+
+def run_mode(
+    mode: str,
+    args: SimpleNamespace,
+    peak: float,
+    ours_batches: Sequence[Batch],
+    ref_batches: Sequence[Sequence[ref.DssExample]],
+    warmup: int,
+) -> dict[str, Any]:
+    """Both sides on the t5_1_1 small shape, float32, on this CPU."""
+    ours = Ours(T5Config(dropout_rate=args.dropout), args.alpha, args.seed)
+    model = ref.ReferenceDssTrainer(ref.t5_1_1_small(args.dropout), alpha=args.alpha)
+    out = compare_steps(
+        ours,
+        model,
+        ours_batches,
+        ref_batches,
+        warmup=warmup,
+        steps=args.steps,
+        rounds=args.rounds,
+        peak=peak,
+    )
     print_mode(mode, out)
     return out
 
@@ -403,15 +445,15 @@ def mode_a(args: SimpleNamespace, peak: float) -> dict[str, Any]:
         f"label {args.label_length}, rationale {args.rationale_length}"
     )
     rng = np.random.default_rng(args.seed)
-    warmup = args.warmup
-    ref_batches = [random_examples(args, rng) for _ in range(warmup + args.steps)]
-    # One row per example: its two inputs and its label + rationale targets, no padding.
-    in_len, tgt_len = 2 * args.input_length, args.label_length + args.rationale_length
-    ours_batches = [pack_examples(b, in_len, tgt_len) for b in ref_batches]
-    rows = {len(b["encoder_input_tokens"]) for b in ours_batches}
-    if rows != {args.batch}:
-        raise RuntimeError(f"packing gave {rows} rows per batch, expected {args.batch}")
-    return run_mode("a", args, peak, ours_batches, ref_batches, warmup)
+    ours_batches, ref_batches = fixed_shape_batches(
+        rng,
+        args.warmup + args.steps,
+        args.batch,
+        args.input_length,
+        args.label_length,
+        args.rationale_length,
+    )
+    return run_mode("a", args, peak, ours_batches, ref_batches, args.warmup)
 
 
 def mode_b(args: SimpleNamespace, peak: float) -> dict[str, Any]:
