@@ -75,7 +75,7 @@ def server(checkpoint, tmp_path_factory):
         headers = {"Authorization": f"Bearer {SECRET}"}
         warm = requests.post(
             base_url + "/completions",
-            json={"prompt": "warm up " * 200, "max_tokens": 16, "temperature": 0},
+            json={"prompt": "warm up " * 40, "max_tokens": 16, "temperature": 0},
             headers=headers,
             timeout=120,
         )
