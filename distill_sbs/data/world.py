@@ -10,7 +10,6 @@ has, `cloze_probes()` the fact-recall probes, `vocabulary()` the SentencePiece v
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import io
@@ -18,8 +17,9 @@ import os
 import random
 
 import seqio
+from absl import flags
 
-from distill_sbs import storage
+from distill_sbs import program, storage
 from distill_sbs.data import preprocessors
 from distill_sbs.data.records import Record, TeacherSample
 
@@ -393,7 +393,10 @@ def generate(split: str, n: int | None = None) -> list[Record]:
 def vocabulary_texts() -> list[str]:
     """Every text the world can put before the vocabulary: corpus, probes, task texts."""
     lines = list(corpus()) + list(corpus_split("validation"))
-    lines += [p.text.replace(SENTINEL, p.answer) for p in cloze_probes()]
+    for e in entities():  # each fact in the first and the held-out phrasing (the probes' words)
+        for attribute in VALUES:
+            for template in (CORPUS_TEMPLATES[attribute][0], HELD_OUT_TEMPLATES[attribute]):
+                lines.append(fact(e, attribute, template))
     for split in SIZES:
         for r in generate(split):
             prefixes = ["", preprocessors.LABEL_PREFIX, preprocessors.RATIONALE_PREFIX]
@@ -441,18 +444,20 @@ def vocabulary() -> seqio.SentencePieceVocabulary:
     return seqio.SentencePieceVocabulary(VOCAB_FILE, extra_ids=EXTRA_IDS)
 
 
+def define_flags() -> None:
+    """The program's flags (defined by program.run, never at import)."""
+    flags.DEFINE_bool("build_vocab", False, f"Rebuild {VOCAB_FILE}.")
+    flags.DEFINE_string("write_corpus", None, "Write the corpus here, one document per line.")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--build_vocab", action="store_true")
-    parser.add_argument("--write_corpus", metavar="PATH")
-    args = parser.parse_args()
-    if args.build_vocab:
+    if flags.FLAGS.build_vocab:
         build_vocab()
         print(f"wrote {VOCAB_FILE}: {vocabulary().vocab_size} ids with {EXTRA_IDS} extra ids")
-    if args.write_corpus:
-        storage.write_text(args.write_corpus, "\n".join(corpus()) + "\n")
-        print(f"wrote {args.write_corpus}: {len(corpus())} documents")
+    if flags.FLAGS.write_corpus:
+        storage.write_text(flags.FLAGS.write_corpus, "\n".join(corpus()) + "\n")
+        print(f"wrote {flags.FLAGS.write_corpus}: {len(corpus())} documents")
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main, define_flags)
