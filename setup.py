@@ -50,6 +50,11 @@ setup(
             # tests/test_gcs.py: a GCS emulator on loopback, reached by epath through gcsfs
             "gcp-storage-emulator>=2024.8",
             "gcsfs>=2024.6",
+            # tests/test_t5x_*: upstream T5X (../shared/upstream, the oracle) imports these
+            "grain>=0.2",
+            "cached_property",
+            "fiddle>=0.3",
+            "jaxtyping>=0.2",
         ],
     },
 )
