@@ -148,6 +148,7 @@ class T5XCheckpoint:
     directory: str  # the step directory
     step: int | None
     target: dict[Path, Any]
+    where: str  # what errors name: the msgpack file, the orbax state directory, or memory
 
     def shape(self, path: Path) -> tuple[int, ...]:
         leaf = self.target[path]
@@ -185,7 +186,7 @@ def _open_orbax(step_dir: str, found: int | None) -> T5XCheckpoint:
         target[tuple(key[1:])] = {**spec, "metadata": {"shape": list(shape)}}
     if not target:
         raise T5XCheckpointError(f"{meta_file}: not a T5X checkpoint (no 'target' parameters)")
-    return T5XCheckpoint(step_dir, found, target)
+    return T5XCheckpoint(step_dir, found, target, state)
 
 
 def open_checkpoint(path: str, step: int | None = None) -> T5XCheckpoint:
@@ -204,7 +205,7 @@ def open_checkpoint(path: str, step: int | None = None) -> T5XCheckpoint:
         contents = contents["optimizer"]  # version >= 1; version 0 has target at the top
     if not isinstance(contents, dict) or not isinstance(contents.get("target"), dict):
         raise T5XCheckpointError(f"{file}: not a T5X checkpoint (no 'target' parameters)")
-    return T5XCheckpoint(step_dir, found, dict(_flatten(contents["target"])))
+    return T5XCheckpoint(step_dir, found, dict(_flatten(contents["target"])), file)
 
 
 def _native_path(path: Path) -> Path:
@@ -238,7 +239,7 @@ def read_config(ckpt: T5XCheckpoint) -> T5Config:
     """The T5Config of a T5X checkpoint: shape from the arrays, the rest from gin's T5Config
     bindings or the defaults. A gin binding that contradicts the checkpoint is an error."""
     shapes = {_native_path(p): ckpt.shape(p) for p in ckpt.target}
-    where = storage.join(ckpt.directory, MSGPACK_FILE)
+    where = ckpt.where
 
     def shape(*path: str) -> tuple[int, ...]:
         if path not in shapes:
@@ -416,7 +417,7 @@ def read_params(
     """
     import jax
 
-    where = storage.join(ckpt.directory, MSGPACK_FILE)
+    where = ckpt.where
     native = _native_paths(config)
     unexpected = sorted(set(ckpt.target) - {_t5x_path(p) for p in native})
     if unexpected:
@@ -469,7 +470,7 @@ def params_from_tree(target: Any) -> tuple[T5Config, dict[str, Any]]:
     from flax.core import unfreeze
 
     tree = {k: np.asarray(v) for k, v in _flatten(unfreeze(target))}
-    ckpt = T5XCheckpoint("<T5X parameters>", None, tree)
+    ckpt = T5XCheckpoint("", None, tree, "T5X parameters")
     config = read_config(ckpt)
     return config, read_params(ckpt, config)
 
