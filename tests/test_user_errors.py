@@ -387,3 +387,24 @@ def test_missing_data_dir_and_malformed_jsonl_are_user_errors_naming_them(tmp_pa
     path.write_text('{"id": "a", "input": "ok"}\n{"id": "b", "input": \n')
     with pytest.raises(UserError, match=r"records\.jsonl:2"):
         read_jsonl(path)
+
+
+def test_dss_with_no_parsed_rationale_is_one_user_error(tmp_path):
+    """Every teacher sample failed to parse: the rationale objective has no examples. That was a
+    73-line ValueError; it is a UserError naming the objective, the split and where to look."""
+    from distill_sbs.data import register_dataset
+    from distill_sbs.data.vocab import ARITH_SPM
+
+    failed = {"rationale": "", "label": None, "raw": "garbled"}
+    rows = [
+        {"id": f"r{i}", "input": "1 + 1?", "label": "2", "teachers": {"t": [failed]}}
+        for i in range(3)
+    ]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    jsonl = {s: str(tmp_path / f"{s}.jsonl") for s in ("train", "test")}
+    vocab = seqio.SentencePieceVocabulary(ARITH_SPM)
+    register_dataset("unparsed_ds", jsonl=jsonl, teachers=("t",), vocabulary=vocab)
+    task = seqio.get_mixture_or_task("unparsed_ds_dss_rationale")
+    with pytest.raises(UserError, match=r"objective 'rationale' has no examples on split 'train'"):
+        task.get_dataset({"inputs": 16, "targets": 16}, split="train", shuffle=False)

@@ -161,3 +161,17 @@ def test_serve_refuses_a_checkpoint_without_vocabulary(tmp_path, env):
 def test_every_program_reports_a_user_error_in_one_line(module, args, message, tmp_path, env):
     rc, stderr = _run(module, args, env, tmp_path)
     _one_line_error(rc, stderr, message)
+
+
+def test_serve_on_a_busy_port_is_one_line_before_loading(tmp_path, env):
+    """The port is checked before the model loads (it was a 33-line OSError after minutes of
+    loading): with another server listening there, the checkpoint is never looked at."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        args = ["--checkpoint", "/nonexistent", "--host", "127.0.0.1", "--port", str(port)]
+        rc, stderr = _run("serve", args, env, tmp_path)
+    _one_line_error(rc, stderr, f"--host 127.0.0.1 --port {port}: Address already in use")

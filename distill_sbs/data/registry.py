@@ -28,6 +28,7 @@ from distill_sbs import metrics
 from distill_sbs.data import dss, methods, options, preprocessors, topk
 from distill_sbs.data.feature_converter import OBJECTIVE_FEATURE, ObjectiveEncDecFeatureConverter
 from distill_sbs.data.records import Record, RecordError, read_jsonl
+from distill_sbs.errors import UserError
 from distill_sbs.parsing import parse_chain_of_thought
 
 
@@ -205,8 +206,10 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, key
     examples = build_examples(dataset, method, objective_id, split)
     name = objectives(dataset, method)[objective_id].name
     if not examples:  # an empty source would make a repeated mixture spin forever
-        raise ValueError(
-            f"{dataset}_{method}: objective {name!r} has no examples on split {split!r}"
+        raise UserError(
+            f"{dataset}_{method}: objective {name!r} has no examples on split {split!r} (no "
+            "record gives it a target: for a rationale objective, every teacher sample failed "
+            "to parse, see the records' teachers.<name>[i].raw; or choose another method)"
         )
     path = topk.teacher_topk_path()
     if path and split == "train":  # saved teacher top-k for offline distillation (data/topk.py)

@@ -8,6 +8,7 @@ import errno
 import functools
 import logging
 import os
+import socket
 import time
 
 from distill_sbs import program, storage
@@ -42,6 +43,7 @@ def main(handler_class: type[CompletionHandler] = CompletionHandler) -> None:
     except ValueError as e:
         raise UserError(str(e)) from e
     limits = Limits(**{f.name: getattr(FLAGS, f.name) for f in dataclasses.fields(Limits)})
+    _check_port_free(FLAGS.host, FLAGS.port)  # before minutes of loading and compiling
     try:
         generator = ModelGenerator.from_checkpoint(
             FLAGS.checkpoint,
@@ -82,6 +84,24 @@ def main(handler_class: type[CompletionHandler] = CompletionHandler) -> None:
     # One line that scripts (and tests) wait for before sending requests.
     print(f"serving {name} on {server.base_url}", flush=True)
     server.serve_forever()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A busy or forbidden address is one line before the model loads (the server binds again
+    later; another process could take the port in between, which that bind reports the same way)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: {e.strerror}") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: {e.strerror}") from e
 
 
 _LIMIT_HELP = {
