@@ -126,7 +126,7 @@ def define_flags() -> None:
     flags.DEFINE_string("model_name", None, "Model id reported by /v1/models (default: dir name).")
     flags.DEFINE_integer("max_batch_size", 16, "Most rows in one generate call.")
     flags.DEFINE_float("batch_window_ms", 5.0, "How long to gather concurrent requests.")
-    flags.DEFINE_integer("max_input_length", 512, "Inputs are truncated to this many tokens.")
+    flags.DEFINE_integer("max_input_length", 512, "Longest prompt in tokens (longer: a 400).")
     for f in dataclasses.fields(Limits):
         define = flags.DEFINE_integer if f.type == "int" else flags.DEFINE_float
         define(f.name, f.default, _LIMIT_HELP[f.name])
