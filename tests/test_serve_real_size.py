@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
+from _real_size import save_real_size_checkpoint
 from _serve_proc import start
-from _shared_data import SHARED
 
 import distill_sbs
 from distill_sbs.generation import GenerationParams, ModelGenerator
@@ -31,26 +31,13 @@ from distill_sbs.serve import Limits, Server
 
 pytestmark = pytest.mark.slow
 
-VOCAB = SHARED / "vocab" / "t5_spiece.model"
 MODEL = "nat"
 PROMPTS = ["hello", "Why do birds fly south in the winter?", "The answer is train station."]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    """t5_1_1-small's shape (d_model 512, 6 heads, d_ff 1024, gated GELU, untied output) with 3
-    layers each side and the 32,128-id vocabulary, over the T5 SentencePiece of ../shared."""
-    from distill_sbs.checkpoints import save_native
-    from distill_sbs.models import EncoderDecoderModel
-    from distill_sbs.network import T5Config
-
-    if not VOCAB.is_file():
-        pytest.fail(f"the T5 vocabulary is not at {VOCAB} (../shared/vocab)")
-    cfg = T5Config(num_encoder_layers=3, num_decoder_layers=3)
-    assert cfg.vocab_size == 32128 and cfg.emb_dim == 512 and cfg.mlp_dim == 1024
-    path = str(tmp_path_factory.mktemp("real") / "ckpt")
-    save_native(path, EncoderDecoderModel(cfg).init_params(jax.random.PRNGKey(0)), cfg, str(VOCAB))
-    return path
+    return save_real_size_checkpoint(str(tmp_path_factory.mktemp("real") / "ckpt"))
 
 
 @pytest.fixture(scope="module")
