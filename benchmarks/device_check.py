@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "machine": platform.processor() or platform.machine(),
+        # the gin files' shapes, read in the dry run too (its models are stand-ins)
+        "configs": {size: model_config(size, False).to_dict() for size in args.sizes},
         "train": {},
         "decode": {},
     }

@@ -278,6 +278,7 @@ SYSTEM_TESTS = {
     "resume": "a killed run resumed equals an uninterrupted one",
     "gcs": "gs:// through every reader and writer",
     "user_errors": "one-line user errors in every program (issue 9)",
+    "benchmarks": "benchmarks/ scripts and the train step on a host without TensorFlow",
 }
 
 
