@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from absl import flags, logging
 
-from distill_sbs import program, storage, t5x_checkpoint
+from distill_sbs import partitioning, program, storage, t5x_checkpoint
 from distill_sbs.data.options import DEFAULT_T5_VOCAB
 from distill_sbs.errors import UserError
 from distill_sbs.network import T5Config
@@ -590,22 +590,13 @@ def load_hf_folder(
     return config, params, vocab
 
 
-def _concrete(index: Index, shape: tuple[int, ...]) -> Index:
-    """jax's device index (slice(None) for a whole dimension) with concrete bounds."""
-    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    bounds = [s.indices(n) for s, n in zip(index, shape, strict=True)]
-    if any(step != 1 for _, _, step in bounds):
-        raise ValueError(f"strided device index {index}")
-    return tuple(slice(start, stop) for start, stop, _ in bounds)
-
-
 def _block_reader(state: Any, key: str, layout: _Layout) -> Callable[[Index], np.ndarray]:
     """block(native index) -> that block of the parameter, read as the HF slice it comes from;
     devices that hold the same block (replicas) read it once."""
     blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
 
     def block(index: Index) -> np.ndarray:
-        index = _concrete(index, layout.native_shape)
+        index = partitioning.concrete_index(index, layout.native_shape)
         bounds = tuple((s.start, s.stop) for s in index)  # slices are unhashable before 3.12
         if bounds not in blocks:
             source, finish = layout.source(index)

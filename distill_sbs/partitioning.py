@@ -299,3 +299,13 @@ def create_partitioner(
     if rules is None:
         rules = FULLY_SHARDED_RULES if fully_sharded else STANDARD_RULES
     return Partitioner(mesh, tuple(tuple(r) for r in rules))
+
+
+def concrete_index(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A device's index into a global array (jax's, slice(None) for a whole dimension), with
+    concrete bounds: the block a host reads for that device."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    bounds = [s.indices(n) for s, n in zip(index, shape, strict=True)]
+    if any(step != 1 for _, _, step in bounds):
+        raise ValueError(f"strided device index {index}")
+    return tuple(slice(start, stop) for start, stop, _ in bounds)

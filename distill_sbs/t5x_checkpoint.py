@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from distill_sbs import storage
+from distill_sbs import partitioning, storage
 from distill_sbs.errors import UserError
 from distill_sbs.network import T5Config
 
@@ -318,15 +318,6 @@ def _layout(path: Path, native_shape: tuple[int, ...]) -> _Layout:
     return _Layout(native_shape, lambda x: x, lambda i: (i, lambda b: b))
 
 
-def _concrete(index: Index, shape: tuple[int, ...]) -> Index:
-    """jax's device index (slice(None) for a whole dimension) with concrete bounds."""
-    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    bounds = [s.indices(n) for s, n in zip(index, shape, strict=True)]
-    if any(step != 1 for _, _, step in bounds):
-        raise ValueError(f"strided device index {index}")
-    return tuple(slice(start, stop) for start, stop, _ in bounds)
-
-
 def _kvstore(step_dir: str, spec: dict[str, Any]) -> dict[str, Any]:
     """The tensorstore kvstore of a spec whose path is relative to the step directory; specs
     written on GCS name a dummy bucket, so the bucket always comes from where the checkpoint is."""
@@ -441,7 +432,7 @@ def read_params(
         blocks: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
 
         def block(index: Index, layout=layout, source=source, blocks=blocks, name=name):
-            index = _concrete(index, layout.native_shape)
+            index = partitioning.concrete_index(index, layout.native_shape)
             bounds = tuple((s.start, s.stop) for s in index)
             if bounds not in blocks:
                 t5x_index, finish = layout.source(index)

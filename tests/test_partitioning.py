@@ -16,6 +16,7 @@ from distill_sbs.partitioning import (
     STANDARD_RULES,
     Partitioner,
     box_logical_axes,
+    concrete_index,
     create_mesh,
     logical_specs,
 )
@@ -104,3 +105,12 @@ def test_sharded_step_equals_single_device():
 def test_sharded_step_equals_single_device_t5_all_meshes():
     diffs = _subprocess_mesh_check("t5:full", "t5:full:adafactor")
     assert diffs["t5"] < 1e-5 and diffs["t5-adafactor"] < 1e-5, diffs
+
+
+def test_a_strided_device_index_is_refused():
+    assert concrete_index((slice(None), slice(2, 4)), (3, 8)) == (
+        slice(0, 3),
+        slice(2, 4),
+    )
+    with pytest.raises(ValueError, match="strided"):
+        concrete_index((slice(0, 4, 2),), (4,))

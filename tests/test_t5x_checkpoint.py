@@ -151,7 +151,7 @@ print("RESULT " + json.dumps(result))
 MESH_SCRIPT = r"""
 import json, sys
 import jax, numpy as np
-from distill_sbs import models, t5x_checkpoint
+from distill_sbs import models, partitioning, t5x_checkpoint
 from distill_sbs.models import EncoderDecoderModel
 from distill_sbs.partitioning import FULLY_SHARDED_RULES, STANDARD_RULES, Partitioner, create_mesh
 
@@ -187,7 +187,7 @@ for name, rules in (("standard", STANDARD_RULES), ("fully_sharded", FULLY_SHARDE
     params = []
     for key, s in wanted.items():
         shape = want[key].shape
-        blocks = {tuple((sl.start, sl.stop) for sl in t5x_checkpoint._concrete(i, shape))
+        blocks = {tuple((sl.start, sl.stop) for sl in partitioning.concrete_index(i, shape))
                   for i in s.devices_indices_map(shape).values()}
         array = "target." + ".".join(
             (["decoder"] if key.startswith("['logits_dense']") else [])

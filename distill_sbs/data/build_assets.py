@@ -8,14 +8,9 @@ conventions.
 
 from __future__ import annotations
 
-import argparse
-import io
-
-import sentencepiece as spm
-
-from distill_sbs import storage
+from distill_sbs import program, storage
 from distill_sbs.data import arith, preprocessors
-from distill_sbs.data.vocab import ARITH_SPM
+from distill_sbs.data.vocab import ARITH_SPM, train_bpe_model
 
 # An upper bound (hard_vocab_limit=False); the corpus fills it, so most words are single pieces.
 VOCAB_SIZE = 256
@@ -37,37 +32,25 @@ def corpus() -> list[str]:
 
 
 def build(path: str = ARITH_SPM, vocab_size: int = VOCAB_SIZE) -> None:
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus()),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        split_digits=True,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        hard_vocab_limit=False,
-        num_threads=1,
-        minloglevel=2,
-    )
-    storage.write_bytes(path, model.getvalue())
+    storage.write_bytes(path, train_bpe_model(corpus(), vocab_size))
+
+
+def define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("output", ARITH_SPM, "where to write the SentencePiece model")
+    flags.DEFINE_integer("vocab_size", VOCAB_SIZE, "upper bound on the number of pieces")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output", default=ARITH_SPM)
-    parser.add_argument("--vocab_size", type=int, default=VOCAB_SIZE)
-    args = parser.parse_args()
-    build(args.output, args.vocab_size)
-    sp = spm.SentencePieceProcessor(model_file=args.output)
-    print(f"wrote {args.output}: {sp.get_piece_size()} pieces")
+    import sentencepiece as spm
+    from absl import flags
+
+    output = flags.FLAGS.output
+    build(output, flags.FLAGS.vocab_size)
+    sp = spm.SentencePieceProcessor(model_file=output)
+    print(f"wrote {output}: {sp.get_piece_size()} pieces")
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main, define_flags)

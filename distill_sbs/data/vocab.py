@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import seqio
 
@@ -86,3 +86,34 @@ def arith_vocabulary() -> seqio.SentencePieceVocabulary:
             f"{ARITH_SPM} is missing; build it with `python -m distill_sbs.data.build_assets`"
         )
     return seqio.SentencePieceVocabulary(ARITH_SPM, extra_ids=0)
+
+
+def train_bpe_model(texts: Iterable[str], vocab_size: int) -> bytes:
+    """A SentencePiece BPE model (serialised) of the embedded datasets' vocabularies: T5's special
+    ids (pad 0, eos 1, unk 2, no bos), no normalisation, digits split, and deterministic (one
+    thread, the texts in order) so that a rebuild gives the shipped file byte for byte.
+    vocab_size is an upper bound (hard_vocab_limit=False)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        split_digits=True,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
 import random
 
@@ -409,28 +408,9 @@ def vocabulary_texts() -> list[str]:
 
 
 def build_vocab(path: str = VOCAB_FILE, vocab_size: int = 1024) -> None:
-    import sentencepiece as spm
+    from distill_sbs.data.vocab import train_bpe_model
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(vocabulary_texts()),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        split_digits=True,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        hard_vocab_limit=False,
-        num_threads=1,
-        minloglevel=2,
-    )
-    storage.write_bytes(path, model.getvalue())
+    storage.write_bytes(path, train_bpe_model(vocabulary_texts(), vocab_size))
 
 
 @functools.cache
