@@ -46,13 +46,14 @@ def env(subprocess_env, dss_dir) -> dict[str, str]:
 
 
 def _run(module: str, args: list[str], env: dict[str, str], cwd) -> subprocess.CompletedProcess:
-    """`python -m distill_sbs.<module> ARGS`; its output is kept beside the run for a failure."""
+    """`python -m MODULE ARGS`; its output is kept beside the run for a failure."""
     p = subprocess.run(
-        [sys.executable, "-m", f"distill_sbs.{module}", *args],
+        [sys.executable, "-m", module, *args],
         env=env, cwd=str(cwd), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
-    (cwd / f"{module}.stdout").write_text(p.stdout)
-    (cwd / f"{module}.stderr").write_text(p.stderr)
+    name = module.rsplit(".", 1)[-1]
+    (cwd / f"{name}.stdout").write_text(p.stdout)
+    (cwd / f"{name}.stderr").write_text(p.stderr)
     return p
 
 
@@ -90,7 +91,7 @@ def test_annotate_cqa_with_the_served_student_as_teacher(checkpoint, env, tmp_pa
             "--api_key_env", KEY_ENV, "--max_tokens", "16", "--max_concurrency", "3",
             "--noprogress",
         ]  # fmt: skip
-        p = _run("annotate", args, env, tmp_path)
+        p = _run("distill_sbs.annotate", args, env, tmp_path)
     finally:
         proc.terminate()
         _, server_stderr = proc.communicate(timeout=60)
@@ -145,7 +146,7 @@ def trained(checkpoint, env, tmp_path_factory):
         "--gin.LOG_PERIOD=1",
         "--gin.train.eval_at_end=False",  # eval runs below, as its own program
     ]
-    return _run("train", args, env, cwd), model_dir
+    return _run("distill_sbs.train", args, env, cwd), model_dir
 
 
 def test_train_a_few_steps_on_cqa_dss(trained, checkpoint):
@@ -188,7 +189,7 @@ def test_eval_and_infer_with_rationales(trained, env):
         "--gin.BATCH_SIZE=4",
         f"--gin.OUTPUT_DIR='{out_dir}'",
     ]
-    e = _run("eval", args, env, cwd)
+    e = _run("distill_sbs.eval", args, env, cwd)
     _clean_exit(e)
     metrics = json.loads((out_dir / "metrics.json").read_text())
     accuracy = metrics["cqa_dss_label/accuracy"]
@@ -215,7 +216,7 @@ def test_eval_and_infer_with_rationales(trained, env):
         "--gin.MAX_DECODE_LENGTH=16",
         "--gin.BATCH_SIZE=4",
     ]
-    i = _run("infer", args, env, cwd)
+    i = _run("distill_sbs.infer", args, env, cwd)
     _clean_exit(i)
     rows = [json.loads(line) for line in preds.open()]
     assert [r["id"] for r in rows] == [t["id"] for t in test[:3]]
