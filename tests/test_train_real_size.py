@@ -4,8 +4,9 @@ served as the teacher of `annotate` on the DSS release's cqa, and the start of t
 pipeline on that release: `train` a few steps from it, `eval` a few examples, `infer` with
 rationales. Every program runs as a user runs it (`python -m`, a subprocess).
 
-Costs on 2 cores shared with other work (`pytest --durations=0`): see each test's comment; the
-checkpoint costs about 10 s of CPU (30 s wall) once."""
+Costs on 2 cores shared with other work (`pytest --durations=0`; wall time, the CPU time of the
+subprocesses beside it): the checkpoint 13-19 s once, then each test's comment; the module in all
+about 155 s wall and 105 s of CPU (`/usr/bin/time`, children included)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def _clean_exit(p: subprocess.CompletedProcess) -> None:
 def test_annotate_cqa_with_the_served_student_as_teacher(checkpoint, env, tmp_path):
     """`serve` behind a key, then `annotate --dataset cqa` (the release's train split, 3 records,
     few-shot prompts of about 320 tokens) against it: every request answered, the records
-    written with the student's raw text, the key in no file (about 25 s CPU, 60 s wall)."""
+    written with the student's raw text, the key in no file (25-30 s)."""
     cmd = [
         sys.executable, "-m", "distill_sbs.serve", "--checkpoint", checkpoint,
         "--host", "127.0.0.1", "--port", "0", "--api_key_env", KEY_ENV,
@@ -151,7 +152,7 @@ def trained(checkpoint, env, tmp_path_factory):
 
 def test_train_a_few_steps_on_cqa_dss(trained, checkpoint):
     """Exit 0, initialised from the checkpoint, a finite loss per step for both objectives, a
-    checkpoint at the last step (about 40 s CPU, 2 min wall)."""
+    checkpoint at the last step (the training fixture: 55-110 s, about 45 s of CPU)."""
     p, model_dir = trained
     _clean_exit(p)
     assert f"initialised from {checkpoint}" in p.stdout, p.stdout[-3000:]
@@ -171,7 +172,7 @@ def test_train_a_few_steps_on_cqa_dss(trained, checkpoint):
 
 def test_eval_and_infer_with_rationales(trained, env):
     """`eval` on the first 4 test examples, then `infer` with RATIONALE=True on 3 test questions
-    formatted as the task does: metrics and one row per example (about 30 s CPU, 75 s wall)."""
+    formatted as the task does: metrics and one row per example (50 s, about 35 s of CPU)."""
     import numpy as np
 
     from distill_sbs.data.dss import format_cqa
