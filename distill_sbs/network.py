@@ -358,7 +358,7 @@ class EncoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
         drop = Dropout(cfg.dropout_rate)
         y = RMSNorm(cfg, name="pre_attention_layer_norm")(x)
@@ -380,7 +380,6 @@ class DecoderLayer(nn.Module):
         encoded: jax.Array,
         self_bias: jax.Array,
         cross_bias: jax.Array,
-        *,
         deterministic: bool,
         decode: bool,
         cache_index: jax.Array | None,
@@ -413,6 +412,39 @@ def _positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
     return jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
 
 
+# Rematerialisation (T5X / MaxText): what each layer keeps for the backward pass; the rest is
+# recomputed there. "none" keeps everything (today's step); "minimal" keeps the projections and
+# MLP matmuls (outputs without batch dimensions), recomputing attention scores and elementwise
+# work; "dots_saveable" keeps every matmul; "full" keeps only each layer's input.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+@gin.configurable(module="distill_sbs.network")
+def remat_policy(policy: str = "none") -> str:
+    """The layers' rematerialisation policy (gin: `remat_policy.policy = 'full'`)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy.policy: unknown {policy!r}; known {sorted(REMAT_POLICIES)}")
+    return policy
+
+
+def _layer_class(cls: type[nn.Module], training_path: bool) -> type[nn.Module]:
+    """`cls`, wrapped in nn.remat under the configured policy on the training path (the cached
+    decode path mutates its cache and is never differentiated). The wrapped layer takes every
+    argument positionally, its trailing flags static."""
+    policy = remat_policy()
+    if policy == "none" or not training_path:
+        return cls
+    # flax counts `self` as argument 0: the encoder layer's deterministic, the decoder layer's
+    # deterministic, decode and cache_index
+    static = (3,) if cls is EncoderLayer else (5, 6, 7)
+    return nn.remat(cls, policy=REMAT_POLICIES[policy], static_argnums=static)
+
+
 class Encoder(nn.Module):
     config: T5Config
 
@@ -434,8 +466,9 @@ class Encoder(nn.Module):
             mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
         bias = bias + _mask_to_bias(mask)
         x = Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
+        layer = _layer_class(EncoderLayer, training_path=True)
         for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic=deterministic)
+            x = layer(cfg, name=f"layers_{i}")(x, bias, deterministic)
         x = RMSNorm(cfg, name="encoder_norm")(x)
         return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -478,15 +511,10 @@ class Decoder(nn.Module):
             cross_mask = cross_mask & (dec_seg[:, None, :, None] == enc_seg[:, None, None, :])
         cross_bias = _mask_to_bias(cross_mask)
         x = Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
+        layer = _layer_class(DecoderLayer, training_path=not decode)
         for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, name=f"layers_{i}")(
-                x,
-                encoded,
-                self_bias,
-                cross_bias,
-                deterministic=deterministic,
-                decode=decode,
-                cache_index=cache_index,
+            x = layer(cfg, name=f"layers_{i}")(
+                x, encoded, self_bias, cross_bias, deterministic, decode, cache_index
             )
         x = RMSNorm(cfg, name="decoder_norm")(x)
         return Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
