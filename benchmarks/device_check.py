@@ -13,7 +13,8 @@ For each size (--sizes; t5_1_1 small and base from the package's gin/models file
   (train_benchmark.py's mode (a)): examples/s, tokens/s and MFU against the device's dense bf16
   peak (`distill_sbs.flops.PEAK_FLOPS` by device kind; measured on CPU).
 - memory: our memory plan of that step (`distill_sbs.memory_plan.plan`, the XLA memory analysis
-  of the compiled step) against the device's measured peak bytes in use after our steps (JAX
+  of the compiled step; also under each --remat_policies value, `network.remat_policy`) against
+  the device's measured peak bytes in use after our steps (JAX
   does not preallocate here, so the peak is what the step used; the reference's torch peak is
   reported beside it).
 - decode: greedy decoding of random weights, ours vs HF generate (decode_benchmark.py), bf16.
@@ -39,7 +40,8 @@ from typing import Any
 # Before JAX starts: no preallocation (torch shares the device, and the peak is the step's own).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import _reference_dss as ref  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+import _reference_dss as ref  # noqa: E402
+import gin  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -92,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode_input_length", type=int, default=256)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed decoding runs per side")
+    p.add_argument(
+        "--remat_policies",
+        default="full",
+        help="also plan the step under these network.remat_policy values (comma-separated)",
+    )
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
@@ -105,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--sizes: unknown {unknown}; known {sorted(TINY)}")
     args.sizes = sizes
+    args.remat_policies = [x for x in args.remat_policies.split(",") if x]
     return args
 
 
@@ -112,8 +120,6 @@ def model_config(size: str, dry_run: bool) -> T5Config:
     """The t5_1_1 `size` shape from the package's gin file (bf16 activations; dropout later)."""
     if dry_run:
         return dataclasses.replace(TINY[size], dtype="bfloat16")
-    import gin
-
     gin.clear_config()
     gin.parse_config_file(os.path.join(MODELS_DIR, f"t5_1_1_{size}.gin"))
     config = T5Config()
@@ -150,6 +156,15 @@ def train_section(size: str, args: argparse.Namespace, peak: float, device: str)
     t0 = time.perf_counter()
     plan = memory_plan.plan(ours.trainer, args.batch, lengths, pack=True)
     plan_s = time.perf_counter() - t0
+    remat = {}
+    for policy in args.remat_policies:  # the same step, each layer rematerialised
+        with gin.unlock_config():
+            gin.bind_parameter("distill_sbs.network.remat_policy.policy", policy)
+        try:
+            p = memory_plan.plan(ours.trainer, args.batch, lengths, pack=True)
+        finally:
+            gin.clear_config()
+        remat[policy] = {"temporaries": p.temporaries, "total": p.total}
     hf = ref.hf_t5(dataclasses.replace(config, dtype="float32"), "sdpa").to(device)
     reference = ref.ReferenceDssTrainer(hf, alpha=args.alpha, autocast=torch.bfloat16)
     if device == "cuda":
@@ -172,6 +187,7 @@ def train_section(size: str, args: argparse.Namespace, peak: float, device: str)
     out["memory"] = {
         "plan": {**dataclasses.asdict(plan), "total": plan.total},
         "plan_compile_s": plan_s,
+        "remat_plans": remat,
         "measured_peak_bytes": measured,
         "measured_over_plan": None if measured is None else measured / plan.total,
     }
@@ -179,7 +195,11 @@ def train_section(size: str, args: argparse.Namespace, peak: float, device: str)
     out["rows"], out["lengths"] = args.batch, lengths
     tb.print_mode(f"{size}", out)
     seen = "n/a" if measured is None else f"{measured / GIB:.2f} GiB"
-    print(f"{size}: memory plan {plan.total / GIB:.2f} GiB, measured peak {seen}\n", flush=True)
+    remat_text = "".join(f", remat {k} {v['total'] / GIB:.2f} GiB" for k, v in remat.items())
+    print(
+        f"{size}: memory plan {plan.total / GIB:.2f} GiB{remat_text}, measured peak {seen}\n",
+        flush=True,
+    )
     del ours, reference, hf
     gc.collect()
     if device == "cuda":

@@ -92,6 +92,7 @@ def test_device_check_dry_run(subprocess_env, repo_dir, tmp_path):
     for side in ("ours", "reference"):
         assert train[side]["examples_per_s"] > 0 and 0 < train[side]["mfu"] < 1
     assert train["memory"]["plan"]["total"] > train["memory"]["plan"]["params"] > 0
+    assert train["memory"]["remat_plans"]["full"]["temporaries"] > 0
     decode = result["decode"]["small"]
     assert decode["ours_tokens_per_s"] > 0 and decode["hf_tokens_per_s"] > 0
     assert decode["token_agreement"] >= 0.5  # same weights, both bf16: greedy mostly agrees
