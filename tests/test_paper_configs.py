@@ -208,7 +208,8 @@ def test_composed_config_binds_what_the_generated_file_did(dataset, method, mode
         "VALIDATION_FRACTION",
         "DatasetOptions.validation_fraction",
         "DatasetOptions.subsample_seed",
-    }
+    } | {"EVAL_NUM_EXAMPLES", "train.eval_num_examples"}  # issue 21: runs/train.gin's macro
+    assert (got["EVAL_NUM_EXAMPLES"], got["train.eval_num_examples"]) == (None, None)
     assert (got["DATASET"], got["METHOD"]) == (dataset, method)
 
 
