@@ -345,8 +345,9 @@ def test_corrupt_checkpoint_is_one_user_error_naming_the_path(tmp_path, capfd):
     with open(os.path.join(bad_config, "config.json"), "wb") as f:
         f.write(b'{"model": {"vocab_')
     for path, where in [
-        (truncated, f"{truncated}/params: cannot be restored"),
-        (garbled, f"{garbled}/params: cannot be restored"),
+        # the checkpoint's checksums (issue 25) name the damaged file and how it is damaged
+        (truncated, f"{truncated}/params/ocdbt.process_0/d/"),
+        (garbled, f"{garbled}/params/_METADATA: "),
         (bad_config, f"{bad_config}/config.json: not a checkpoint description"),
     ]:
         capfd.readouterr()
