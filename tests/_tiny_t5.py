@@ -47,3 +47,26 @@ def tiny_model_and_batch(seed: int = 0, batch: int = 8, inp: int = 12, tgt: int 
         "decoder_loss_weights": weights,
         "decoder_objective_ids": np.ascontiguousarray(obj),
     }
+
+
+# `python -m distill_sbs.train` flags of a 1-layer, 16-wide arith_dss run checkpointing every 4
+# steps (TRAIN_STEPS left to the test): the subprocess runs of the resume and fault tests.
+TRAIN_FLAGS = [
+    "--gin_file=runs/train.gin",
+    "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 80}",
+    "--gin.BATCH_SIZE=8",
+    "--gin.CHECKPOINT_PERIOD=4",
+    "--gin.LOG_PERIOD=1",
+    "--gin.DROPOUT_RATE=0.1",
+    "--gin.OPTIMIZER='adamw'",
+    "--gin.train.eval_at_end=False",
+    "--gin.EVAL_PERIOD=0",
+    "--gin.T5Config.vocab_size=256",
+    "--gin.T5Config.emb_dim=16",
+    "--gin.T5Config.num_heads=2",
+    "--gin.T5Config.head_dim=8",
+    "--gin.T5Config.mlp_dim=32",
+    "--gin.T5Config.num_encoder_layers=1",
+    "--gin.T5Config.num_decoder_layers=1",
+]

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from _tiny_t5 import tiny_config
+from _tiny_t5 import TRAIN_FLAGS, tiny_config
 from test_gcs import BUCKET, gcs  # noqa: F401 - the emulator fixture
 
 from distill_sbs import checkpoints, storage
@@ -318,25 +318,7 @@ def test_read_only_model_dir_is_one_line(two_steps, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # The programs: one line and exit 2, resumes with the losses of an uninterrupted run, no noise
 
-TINY = [
-    "--gin_file=runs/train.gin",
-    "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
-    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 80}",
-    "--gin.BATCH_SIZE=8",
-    "--gin.CHECKPOINT_PERIOD=4",
-    "--gin.LOG_PERIOD=1",
-    "--gin.DROPOUT_RATE=0.1",
-    "--gin.OPTIMIZER='adamw'",
-    "--gin.train.eval_at_end=False",
-    "--gin.EVAL_PERIOD=0",
-    "--gin.T5Config.vocab_size=256",
-    "--gin.T5Config.emb_dim=16",
-    "--gin.T5Config.num_heads=2",
-    "--gin.T5Config.head_dim=8",
-    "--gin.T5Config.mlp_dim=32",
-    "--gin.T5Config.num_encoder_layers=1",
-    "--gin.T5Config.num_decoder_layers=1",
-]
+TINY = TRAIN_FLAGS
 STEPS = 12
 NOISE = ("Traceback", "sys.meta_path is None", "Event loop is closed", "Exception ignored")
 

@@ -23,30 +23,12 @@ import urllib.request
 import jax
 import numpy as np
 import pytest
+from _tiny_t5 import TRAIN_FLAGS
 
 BUCKET = "dss-test"
 STEPS = 20
 
-TINY = [
-    "--gin_file=runs/train.gin",
-    "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
-    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 80}",
-    "--gin.BATCH_SIZE=8",
-    "--gin.TRAIN_STEPS=20",
-    "--gin.CHECKPOINT_PERIOD=4",
-    "--gin.LOG_PERIOD=1",
-    "--gin.DROPOUT_RATE=0.1",
-    "--gin.OPTIMIZER='adamw'",
-    "--gin.train.eval_at_end=False",
-    "--gin.EVAL_PERIOD=0",
-    "--gin.T5Config.vocab_size=256",
-    "--gin.T5Config.emb_dim=16",
-    "--gin.T5Config.num_heads=2",
-    "--gin.T5Config.head_dim=8",
-    "--gin.T5Config.mlp_dim=32",
-    "--gin.T5Config.num_encoder_layers=1",
-    "--gin.T5Config.num_decoder_layers=1",
-]
+TINY = [*TRAIN_FLAGS, "--gin.TRAIN_STEPS=20"]
 
 
 def _free_port() -> int:
