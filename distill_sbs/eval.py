@@ -98,17 +98,14 @@ class TaskEvaluator:
             for index, features in ds.as_numpy_iterator():
                 indices.append(int(index))
                 rows.append(features["encoder_input_tokens"])
-            inputs = np.stack(rows) if rows else np.zeros((0, 1), np.int32)
-            report = _Progress(f"eval {self.split}", len(rows))
-            ids = []
-            for start in range(0, len(rows), batch_size):  # one compiled shape, batch by batch
-                batch = inputs[start : start + batch_size]
-                ids += list(
-                    generate_ids(
-                        model, params, batch, batch_size=batch_size, max_decode_length=decode_length
-                    )
-                )
-                report(start + len(batch))
+            ids = generate_ids(
+                model,
+                params,
+                np.stack(rows),
+                batch_size=batch_size,
+                max_decode_length=decode_length,
+                on_batch=_Progress(f"eval {self.split}", len(rows)),
+            )
             return [(i, row.tolist()) for i, row in zip(indices, ids, strict=True)]
 
         metrics_future, all_output = self.evaluator.evaluate(

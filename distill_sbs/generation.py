@@ -390,18 +390,30 @@ def generate_ids(
     *,
     batch_size: int,
     max_decode_length: int,
+    rng: Any = None,
+    on_batch: Callable[[int], None] | None = None,
     **generate_kwargs: Any,
 ) -> np.ndarray:
     """Generated ids int32 [n, max_decode_length] for int32 [n, length] inputs, in batches padded
-    to one compiled shape."""
+    to one compiled shape.
+
+    rng: sampling's key (a jax PRNG key); each batch draws with it folded with the batch's first
+    row, so batches never repeat each other's draws and a rerun agrees. on_batch: called with the
+    number of rows done after each batch (progress)."""
     out = []
     for start in range(0, len(encoder_input_tokens), batch_size):
         enc = encoder_input_tokens[start : start + batch_size]
         n = len(enc)
         if n < batch_size:
             enc = np.concatenate([enc, np.zeros((batch_size - n,) + enc.shape[1:], enc.dtype)])
+        if rng is not None:
+            import jax
+
+            generate_kwargs["rng"] = jax.random.fold_in(rng, start)
         ids = model.generate(params, enc, max_decode_length=max_decode_length, **generate_kwargs)
         out.append(np.asarray(ids)[:n])
+        if on_batch is not None:
+            on_batch(start + n)
     return np.concatenate(out)
 
 

@@ -124,27 +124,14 @@ def infer(
         kwargs = dict(generate_kwargs or {}, method=method)
         if method == "beam":
             kwargs["num_beams"] = num_beams
+        if method == "sample":  # each batch draws with SEED folded with its first row
+            kwargs["rng"] = jax.random.PRNGKey(seed)
 
         def run(texts: list[str], length: int) -> list[str]:
             enc = model.encode_texts(texts, input_length)
-            if method != "sample":
-                return generate_texts(
-                    model, params, enc, batch_size=batch_size, max_decode_length=length, **kwargs
-                )
-            out = []
-            for start in range(0, len(enc), batch_size):
-                rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-                batch = enc[start : start + batch_size]
-                out += generate_texts(
-                    model,
-                    params,
-                    batch,
-                    batch_size=batch_size,
-                    max_decode_length=length,
-                    rng=rng,
-                    **kwargs,
-                )
-            return out
+            return generate_texts(
+                model, params, enc, batch_size=batch_size, max_decode_length=length, **kwargs
+            )
 
         for row, text in zip(rows, run(label_inputs, max_decode_length), strict=True):
             row["prediction"] = text
