@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging as py_logging
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -218,6 +219,26 @@ class _OrbaxFutures(py_logging.Filter):
 
 
 py_logging.getLogger("asyncio").addFilter(_OrbaxFutures())
+
+
+def _drop_closed_loop_callbacks(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """sys.unraisablehook that drops "Event loop is closed" from tensorstore's completion
+    callbacks: after a failed save, orbax's event loop is gone when its remaining writes
+    finish, and each would print a traceback. The failure itself is already our one line."""
+
+    def unraisable(info: Any) -> None:
+        closed_loop = (
+            isinstance(info.exc_value, RuntimeError)
+            and str(info.exc_value) == "Event loop is closed"
+            and info.object is None
+        )
+        if not closed_loop or _debug():
+            hook(info)
+
+    return unraisable
+
+
+sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
 def _debug() -> bool:

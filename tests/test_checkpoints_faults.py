@@ -27,7 +27,7 @@ from _tiny_t5 import TRAIN_FLAGS, tiny_config
 from test_gcs import BUCKET, gcs  # noqa: F401 - the emulator fixture
 
 from distill_sbs import checkpoints, storage
-from distill_sbs.errors import UserError
+from distill_sbs.errors import DEBUG_ENV, UserError
 
 SMALL = tiny_config()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -305,6 +305,30 @@ def test_disk_full_mid_save_stops_at_once(tmp_path):
         step, got_params, got_opt, _ = mgr.restore_newest(*_abstract((params, opt)))
         mgr.close()
         assert step == 1 and _equal((got_params, got_opt), (params, opt))
+
+
+def test_closed_event_loop_callbacks_are_not_printed(tmp_path):
+    """After a failed background save, tensorstore's remaining writes finish on orbax's closed
+    event loop and each reports "Event loop is closed" as an unraisable exception (a traceback
+    on stderr, seen on CI at exit). Those are dropped; any other unraisable is still printed,
+    and DISTILL_SBS_DEBUG prints them all."""
+    script = (
+        "import _testcapi\n"
+        "import distill_sbs.checkpoints\n"
+        "for msg in ('Event loop is closed', 'another failure'):\n"
+        "    try:\n"
+        "        raise RuntimeError(msg)\n"
+        "    except RuntimeError as e:\n"
+        "        _testcapi.write_unraisable_exc(e, None, None)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
+    quiet = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Event loop is closed" not in quiet.stderr, quiet.stderr
+    assert "RuntimeError: another failure" in quiet.stderr, quiet.stderr
+    env[DEBUG_ENV] = "1"
+    loud = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert "RuntimeError: Event loop is closed" in loud.stderr, loud.stderr
 
 
 def test_read_only_model_dir_is_one_line(two_steps, tmp_path):
