@@ -1,0 +1,355 @@
+"""Logit distillation from a teacher with another tokenizer (docs/distillation.md, "Teachers with
+another tokenizer"): the teacher's pieces file, their alignment with the student's tokens by
+character spans, and the two losses.
+
+The file (JSON lines, one per scored target; written by teachers/topk.py from a server):
+
+    {"id": ..., "objective": ..., "target": <the target text>,
+     "tokens": [teacher piece texts], "spans": [[start, end], ...] (character offsets into the
+     target; a trailing special token such as EOS is [len, len]), "logprobs": [each piece's own
+     log-probability], "top": [{piece text: log-prob, ...} per position, best first]}
+
+Losses, per student target token (float32 [batch, length], added like the same-vocabulary KD term
+through losses.weighted_objective_loss(divergence=...)):
+
+    span_divergence  GOLD-style: where both tokenizations end a token at the same character, the
+                     text between consecutive shared boundaries is one span. A span of one token
+                     on both sides compares the two next-token distributions over the teacher's
+                     top-k pieces that are student pieces too (+ one bucket for the rest of the
+                     mass, as losses.distillation_divergence does for a same-vocabulary top-k); a
+                     longer span compares the probability of its text (the chain of its tokens'
+                     probabilities) as the two classes {span, not span}. The value sits at the
+                     span's first student token.
+    uld_loss         ULD (Boizard et al. 2024): the L1 distance between the sorted top-k
+                     probabilities of teacher position j and student position j (no vocabulary
+                     mapping; the longer sequence's extra positions are left out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from distill_sbs import storage
+from distill_sbs.errors import UserError
+from distill_sbs.losses import DIVERGENCES
+
+_REST_MIN = 1e-6  # least rest mass of a teacher (its stored log-probs are rounded)
+_Q_MAX_LOG = -1e-7  # a student span probability is read as at most exp(-1e-7): log(1 - Q) finite
+
+
+class CrossTokenizerError(UserError):
+    """Teacher pieces that cannot be aligned with the target text, or an invalid pieces file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One scored target in the teacher's own tokenizer."""
+
+    id: str
+    objective: str
+    target: str
+    tokens: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+    logprobs: tuple[float, ...]
+    top: tuple[tuple[tuple[str, float], ...], ...]  # per position, best first
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "objective": self.objective,
+            "target": self.target,
+            "tokens": list(self.tokens),
+            "spans": [list(s) for s in self.spans],
+            "logprobs": list(self.logprobs),
+            "top": [dict(t) for t in self.top],
+        }
+
+
+def piece_spans(pieces: Sequence[str], text: str, where: str) -> list[tuple[int, int]]:
+    """Character span [start, end) of each piece in `text`. The pieces must spell the text in
+    order, except that the first may carry a leading space the text lacks (SentencePiece's dummy
+    prefix; such a piece may then cover nothing) and that pieces left once the text is spelled
+    (EOS and other special tokens) are empty spans at its end; anything else is an error."""
+    spans, pos = [], 0
+    for i, piece in enumerate(pieces):
+        if pos == len(text) and i > 0:
+            spans.append((pos, pos))
+            continue
+        if i == 0 and piece.startswith(" ") and not text.startswith(" "):
+            piece = piece[1:]
+        if not text.startswith(piece, pos) or (not piece and i > 0):
+            raise CrossTokenizerError(
+                f"{where}: the teacher's pieces do not cover the target text: piece {i} "
+                f"{pieces[i]!r} does not continue {text[:pos]!r} in {text!r}"
+            )
+        spans.append((pos, pos + len(piece)))
+        pos += len(piece)
+    if pos != len(text):
+        raise CrossTokenizerError(
+            f"{where}: the teacher's pieces do not cover the target text: they spell "
+            f"{text[:pos]!r} of {text!r}"
+        )
+    return spans
+
+
+def _ends(spans: Sequence[tuple[int, int]], length: int) -> list[int]:
+    """Each token's end; the k-th empty token at the text's end ends at length + k + 1, so that
+    the two sides' EOS align with each other (a virtual character each)."""
+    out, extra = [], 0
+    for start, end in spans:
+        if start == end == length and out:
+            extra += 1
+            out.append(length + extra)
+        else:
+            out.append(end)
+    return out
+
+
+def align(
+    teacher: Sequence[tuple[int, int]], student: Sequence[tuple[int, int]], length: int
+) -> list[tuple[int, int, int, int]]:
+    """(t0, t1, s0, s1) per span between consecutive shared token ends: teacher tokens t0:t1 and
+    student tokens s0:s1 cover the same text. Tokens after the last shared end are left out."""
+    t_ends, s_ends = _ends(teacher, length), _ends(student, length)
+    shared = sorted(set(e for e in t_ends if e > 0) & set(s_ends))
+    out, t, s = [], 0, 0
+    for b in shared:
+        t1, s1 = t, s
+        while t1 < len(t_ends) and t_ends[t1] <= b:
+            t1 += 1
+        while s1 < len(s_ends) and s_ends[s1] <= b:
+            s1 += 1
+        out.append((t, t1, s, s1))
+        t, s = t1, s1
+    return out
+
+
+def sentencepiece_text(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The student's pieces as text (a space for "\u2581"), as generation.token_text spells them."""
+    from distill_sbs.generation import token_text
+
+    return [token_text(tokenizer, int(i)) for i in ids]
+
+
+def sentencepiece_lookup(tokenizer: Any) -> Callable[[str], int | None]:
+    """A teacher piece's text -> the student's id of the same piece, or None."""
+    unk = tokenizer.unk_id()
+
+    def lookup(piece: str) -> int | None:
+        i = tokenizer.piece_to_id(piece.replace(" ", "\u2581"))
+        return None if i == unk and piece != tokenizer.id_to_piece(unk) else int(i)
+
+    return lookup
+
+
+# Per-example features (numpy, [length, ...]), host side; the loss reads them in the step.
+FEATURES = ("xt_ids", "xt_valid", "xt_logprobs", "xt_kind", "xt_last", "xt_span_logprob",
+            "uld_logprobs", "uld_valid")  # fmt: skip
+NONE, TOKEN, SPAN = 0, 1, 2  # xt_kind: no term here; a one-token span; a longer span's start
+
+
+def features(
+    entry: Entry,
+    student_ids: Sequence[int],
+    student_pieces: Sequence[str],
+    lookup: Callable[[str], int | None],
+    k: int,
+    length: int,
+) -> dict[str, np.ndarray]:
+    """The loss's features of one example whose student target tokens are `student_ids` (EOS
+    included; `student_pieces` their texts), padded or cut to `length` positions."""
+    where = f"example {entry.id!r} ({entry.objective})"
+    s_spans = piece_spans(student_pieces, entry.target, f"{where}, the student's tokens")
+    f = {
+        "xt_ids": np.zeros((length, k), np.int32),
+        "xt_valid": np.zeros((length, k), bool),
+        "xt_logprobs": np.full((length, k), -np.inf, np.float32),
+        "xt_kind": np.zeros(length, np.int32),
+        "xt_last": np.zeros(length, np.int32),
+        "xt_span_logprob": np.zeros(length, np.float32),
+        "uld_logprobs": np.full((length, k), -np.inf, np.float32),
+        "uld_valid": np.zeros(length, bool),
+    }
+    for t0, t1, s0, s1 in align(entry.spans, s_spans, len(entry.target)):
+        if s1 > length:  # the student's target was cut
+            break
+        if t1 - t0 == 1 and s1 - s0 == 1:
+            f["xt_kind"][s0] = TOKEN
+            slot = 0
+            for piece, lp in entry.top[t0][:k]:
+                i = lookup(piece)
+                if i is not None:  # a piece the student lacks stays in the rest bucket
+                    f["xt_ids"][s0, slot], f["xt_logprobs"][s0, slot] = i, lp
+                    f["xt_valid"][s0, slot] = True
+                    slot += 1
+        else:
+            f["xt_kind"][s0], f["xt_last"][s0] = SPAN, s1 - 1
+            f["xt_span_logprob"][s0] = sum(entry.logprobs[t0:t1])
+    for j in range(min(len(entry.tokens), len(student_ids), length)):
+        lps = sorted((lp for _, lp in entry.top[j][:k]), reverse=True)
+        f["uld_logprobs"][j, : len(lps)] = lps
+        f["uld_valid"][j] = True
+    return f
+
+
+def batch_features(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stacks per-example features into [batch, length, ...] arrays."""
+    return {name: np.stack([e[name] for e in examples]) for name in FEATURES}
+
+
+# ---- the losses (jitted with the student) -----------------------------------------------------
+
+
+def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """sum_c p_c (log p_c - log q_c) over the last axis; classes with p_c = 0 add 0."""
+    present = log_p > -jnp.inf
+    lp = jnp.where(present, log_p, 0.0)
+    lq = jnp.where(present, log_q, 0.0)
+    return jnp.sum(jnp.where(present, jnp.exp(lp) * (lp - lq), 0.0), axis=-1)
+
+
+def _divergence(log_p: jax.Array, log_q: jax.Array, kind: str, beta: float) -> jax.Array:
+    if kind == "forward_kl":
+        return _kl(log_p, log_q)
+    if kind == "reverse_kl":
+        return _kl(log_q, log_p)
+    empty = (log_p == -jnp.inf) & (log_q == -jnp.inf)
+    log_m = jnp.logaddexp(
+        jnp.where(empty, 0.0, jnp.log(beta) + log_p),
+        jnp.where(empty, 0.0, jnp.log1p(-beta) + log_q),
+    )
+    log_m = jnp.where(empty, -jnp.inf, log_m)
+    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 - exp(x)) for x < 0, accurate at both ends."""
+    return jnp.where(x > -0.6931, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def span_divergence(
+    student_logits: jax.Array,
+    targets: jax.Array,
+    feats: Mapping[str, jax.Array],
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+) -> jax.Array:
+    """float32 [b, l]: the span-aligned divergence D(teacher || student) of `features`, at each
+    span's first student token (0 elsewhere). student_logits [b, l, V]; targets [b, l]."""
+    if kind not in DIVERGENCES:
+        raise ValueError(f"divergence kind {kind!r}: expected one of {DIVERGENCES}")
+    log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    ids, valid = feats["xt_ids"], feats["xt_valid"]
+    kind_ = feats["xt_kind"]
+    # One-token spans: the mapped top-k + a rest bucket (the student's rest exactly, by
+    # logsumexp over the ids outside the kept ones).
+    q_top = jnp.where(valid, jnp.take_along_axis(log_q, ids, axis=-1), -jnp.inf)
+    lead = jnp.indices(ids.shape, sparse=True)[:-1]
+    kept = jnp.zeros(log_q.shape, bool).at[(*lead, ids)].max(valid)
+    has_rest = ~jnp.all(kept, axis=-1, keepdims=True)
+    rest_in = jnp.where(has_rest, jnp.where(kept, -jnp.inf, log_q), 0.0)
+    q_rest = jnp.where(has_rest, jax.nn.logsumexp(rest_in, axis=-1, keepdims=True), -jnp.inf)
+    p_top = jax.lax.stop_gradient(jnp.where(valid, feats["xt_logprobs"], -jnp.inf))
+    mass = 1.0 - jnp.sum(jnp.exp(p_top), axis=-1, keepdims=True)
+    mass = jnp.where(has_rest, jnp.clip(mass, _REST_MIN, 1.0), 1.0)
+    p_rest = jnp.where(has_rest, jnp.log(mass), -jnp.inf)
+    token_p = jnp.concatenate([p_top, p_rest], axis=-1)
+    token_q = jnp.concatenate([q_top, q_rest], axis=-1)
+    # Longer spans: the chain of the student's target-token log-probs over the span (a cumsum
+    # difference) against the teacher's, as the two classes {span, not span}.
+    tok = jnp.take_along_axis(log_q, targets[..., None], axis=-1)[..., 0]
+    csum = jnp.cumsum(tok, axis=-1)
+    chain = jnp.take_along_axis(csum, feats["xt_last"], axis=-1) - csum + tok
+    is_span = kind_ == SPAN
+    chain = jnp.where(is_span, jnp.minimum(chain, _Q_MAX_LOG), -1.0)  # safe off the spans
+    p_span = jax.lax.stop_gradient(jnp.where(is_span, feats["xt_span_logprob"], -1.0))
+    p_span = jnp.minimum(p_span, np.log1p(-_REST_MIN))
+    pad = jnp.full((*chain.shape, ids.shape[-1] - 1), -jnp.inf)
+    span_p = jnp.concatenate([p_span[..., None], pad, _log1mexp(p_span)[..., None]], axis=-1)
+    span_q = jnp.concatenate([chain[..., None], pad, _log1mexp(chain)[..., None]], axis=-1)
+    log_p = jnp.where(is_span[..., None], span_p, token_p)
+    log_qc = jnp.where(is_span[..., None], span_q, token_q)
+    d = _divergence(log_p, log_qc, kind, beta)
+    return jnp.where(kind_ == NONE, 0.0, d)
+
+
+def uld_loss(student_logits: jax.Array, feats: Mapping[str, jax.Array]) -> jax.Array:
+    """float32 [b, l]: ULD's L1 distance between the teacher's sorted top-k probabilities (0 for
+    missing ones) and the student's k largest probabilities, at aligned positions (0 elsewhere)."""
+    p = jax.lax.stop_gradient(jnp.exp(feats["uld_logprobs"]))
+    p = -jnp.sort(-p, axis=-1)
+    q, _ = jax.lax.top_k(jax.nn.softmax(student_logits.astype(jnp.float32), axis=-1), p.shape[-1])
+    return jnp.where(feats["uld_valid"], jnp.sum(jnp.abs(p - q), axis=-1), 0.0)
+
+
+LOSSES = ("span", "uld")
+
+
+def divergence(
+    loss: str,
+    student_logits: jax.Array,
+    targets: jax.Array,
+    feats: Mapping[str, jax.Array],
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+) -> jax.Array:
+    """The per-token values of `loss` ("span" or "uld")."""
+    if loss == "span":
+        return span_divergence(student_logits, targets, feats, kind=kind, beta=beta)
+    if loss == "uld":
+        return uld_loss(student_logits, feats)
+    raise ValueError(f"cross-tokenizer loss {loss!r}: expected one of {LOSSES}")
+
+
+# ---- the file ---------------------------------------------------------------------------------
+
+
+def save(path: str, entries: Sequence[Entry]) -> None:
+    """Writes the entries as JSON lines."""
+    storage.write_text(path, "".join(json.dumps(e.to_json()) + "\n" for e in entries))
+
+
+def load(path: str) -> dict[tuple[str, str], Entry]:
+    """(example id, objective) -> Entry; a line that is not a valid entry is one error."""
+    from distill_sbs.data.records import iter_json_lines
+
+    out = {}
+    for d, where in iter_json_lines(path, "a pieces entry"):
+        try:
+            e = Entry(
+                str(d["id"]),
+                str(d["objective"]),
+                str(d["target"]),
+                tuple(str(t) for t in d["tokens"]),
+                tuple((int(a), int(b)) for a, b in d["spans"]),
+                tuple(float(x) for x in d["logprobs"]),
+                tuple(tuple((str(p), float(lp)) for p, lp in t.items()) for t in d["top"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CrossTokenizerError(f"{where}: not a pieces entry ({err!r})") from err
+        n = len(e.tokens)
+        if not n == len(e.spans) == len(e.logprobs) == len(e.top):
+            raise CrossTokenizerError(f"{where}: tokens, spans, logprobs and top differ in length")
+        _check_spans(e.spans, e.target, where)
+        out[(e.id, e.objective)] = e
+    return out
+
+
+def _check_spans(spans: Sequence[tuple[int, int]], text: str, where: str) -> None:
+    """The spans must tile the text in order (empty ones allowed at its start and end)."""
+    pos = 0
+    for a, b in spans:
+        if a != pos or b < a or b > len(text):
+            raise CrossTokenizerError(f"{where}: span [{a}, {b}] does not continue at {pos}")
+        pos = b
+    if pos != len(text):
+        raise CrossTokenizerError(f"{where}: the spans end at {pos}, the target at {len(text)}")
