@@ -9,6 +9,15 @@ teacher) that scores given text (`echo`, `max_tokens: 0`, `logprobs: k`, `decode
     python -m distill_sbs.annotate_topk --teacher_url=http://127.0.0.1:8000/v1 --model=teacher \
         --api_key_env=TEACHER_KEY --task=arith_dss --k=8 --output=/data/arith_dss.train.topk.npz
 
+A teacher with another tokenizer (an LLM behind vLLM, or our server over a T5 of another
+vocabulary) is scored in its own tokens with --pieces, into cross_tokenizer's pieces file (JSON
+lines: per target the teacher's pieces, their character spans in the target text, their
+log-probs and each position's top-k {piece: log-prob}); --decoder_only for a decoder-only server,
+which scores input + " " + target as one prompt:
+
+    python -m distill_sbs.annotate_topk --teacher_url=http://127.0.0.1:8000/v1 --model=llm \
+        --pieces --decoder_only --task=arith_dss --k=8 --output=/data/arith_dss.train.pieces.jsonl
+
 Either way every target token of the task's (or mixture's) split is scored by teacher forcing,
 exactly as training tokenizes it, and data/topk.py's file is written; then train with
 `teacher_topk_path.path = "<output>"` and `train.kd = @KD()` without `KD.teacher`
@@ -52,6 +61,18 @@ def define_flags() -> None:
         "With --teacher_url: the student's T5Config.vocab_size written to the file (default: the "
         "task vocabulary's size; a T5 student's padded 32128 must be given).",
     )
+    F.pieces = flags.DEFINE_bool(
+        "pieces",
+        False,
+        "With --teacher_url: keep the teacher's own tokens (a teacher with another tokenizer): "
+        "write the pieces file of distill_sbs.cross_tokenizer (JSON lines).",
+    )
+    F.decoder_only = flags.DEFINE_bool(
+        "decoder_only",
+        False,
+        "With --pieces: the server is decoder-only (vLLM): it scores input + ' ' + target as one "
+        "prompt rather than the target as decoder_prompt.",
+    )
     F.task = flags.DEFINE_string("task", None, "Registered task or mixture, e.g. arith_dss.")
     F.split = flags.DEFINE_string("split", "train", "Split to score.")
     F.k = flags.DEFINE_integer("k", 8, "Log-probabilities kept per target token.")
@@ -70,6 +91,10 @@ def main() -> None:
         raise UserError("give exactly one of --teacher (local) and --teacher_url (a server)")
     if F.url.value and not F.model.value:
         raise UserError("--teacher_url needs --model (the server's model name)")
+    if F.pieces.value and not F.url.value:
+        raise UserError("--pieces needs --teacher_url (a server scoring in its own tokenizer)")
+    if F.decoder_only.value and not F.pieces.value:
+        raise UserError("--decoder_only needs --pieces")
     try:
         importlib.import_module(F.module.value or "distill_sbs.tasks")
     except ImportError as e:
@@ -84,7 +109,10 @@ def main() -> None:
         size = _write()
     except RuntimeError as e:  # a request that failed for good: the server is down or refuses
         raise UserError(str(e)) from e
-    print(f"wrote {F.output.value}: top-{F.k.value}, {size:.1f} bytes per target token")
+    if F.pieces.value:
+        print(f"wrote {F.output.value}: top-{F.k.value} in the teacher's pieces, {size} targets")
+    else:
+        print(f"wrote {F.output.value}: top-{F.k.value}, {size:.1f} bytes per target token")
 
 
 def _write() -> float:
@@ -101,6 +129,10 @@ def _write() -> float:
             max_concurrency=F.concurrency.value,
             max_retries=F.retries.value,
         )
+        if F.pieces.value:
+            return topk.write_pieces_from_server(
+                config, F.task.value, F.output.value, decoder_only=F.decoder_only.value, **kwargs
+            )
         return topk.write_topk_from_server(
             config, F.task.value, F.output.value, vocab_size=F.vocab_size.value, **kwargs
         )

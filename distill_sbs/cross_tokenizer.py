@@ -15,11 +15,12 @@ through losses.weighted_objective_loss(divergence=...)):
     span_divergence  GOLD-style: where both tokenizations end a token at the same character, the
                      text between consecutive shared boundaries is one span. A span of one token
                      on both sides compares the two next-token distributions over the teacher's
-                     top-k pieces that are student pieces too (+ one bucket for the rest of the
-                     mass, as losses.distillation_divergence does for a same-vocabulary top-k); a
-                     longer span compares the probability of its text (the chain of its tokens'
-                     probabilities) as the two classes {span, not span}. The value sits at the
-                     span's first student token.
+                     top-k pieces that are student pieces too, plus the target token (with the
+                     teacher's log-prob of its own piece) when the top-k lacks it, plus one
+                     bucket for the rest of the mass (as losses.distillation_divergence does for
+                     a same-vocabulary top-k); a longer span compares the probability of its
+                     text (the chain of its tokens' probabilities) as the two classes {span,
+                     not span}. The value sits at the span's first student token.
     uld_loss         ULD (Boizard et al. 2024): the L1 distance between the sorted top-k
                      probabilities of teacher position j and student position j (no vocabulary
                      mapping; the longer sequence's extra positions are left out).
@@ -118,7 +119,7 @@ def align(
     """(t0, t1, s0, s1) per span between consecutive shared token ends: teacher tokens t0:t1 and
     student tokens s0:s1 cover the same text. Tokens after the last shared end are left out."""
     t_ends, s_ends = _ends(teacher, length), _ends(student, length)
-    shared = sorted(set(e for e in t_ends if e > 0) & set(s_ends))
+    shared = sorted(set(t_ends) & set(s_ends))  # 0 too: both sides' dummy-prefix pieces
     out, t, s = [], 0, 0
     for b in shared:
         t1, s1 = t, s
@@ -168,9 +169,9 @@ def features(
     where = f"example {entry.id!r} ({entry.objective})"
     s_spans = piece_spans(student_pieces, entry.target, f"{where}, the student's tokens")
     f = {
-        "xt_ids": np.zeros((length, k), np.int32),
-        "xt_valid": np.zeros((length, k), bool),
-        "xt_logprobs": np.full((length, k), -np.inf, np.float32),
+        "xt_ids": np.zeros((length, k + 1), np.int32),
+        "xt_valid": np.zeros((length, k + 1), bool),
+        "xt_logprobs": np.full((length, k + 1), -np.inf, np.float32),
         "xt_kind": np.zeros(length, np.int32),
         "xt_last": np.zeros(length, np.int32),
         "xt_span_logprob": np.zeros(length, np.float32),
@@ -182,13 +183,13 @@ def features(
             break
         if t1 - t0 == 1 and s1 - s0 == 1:
             f["xt_kind"][s0] = TOKEN
-            slot = 0
-            for piece, lp in entry.top[t0][:k]:
-                i = lookup(piece)
-                if i is not None:  # a piece the student lacks stays in the rest bucket
-                    f["xt_ids"][s0, slot], f["xt_logprobs"][s0, slot] = i, lp
-                    f["xt_valid"][s0, slot] = True
-                    slot += 1
+            kept = [(i, lp) for i, lp in ((lookup(p), lp) for p, lp in entry.top[t0][:k])]
+            kept = [(i, lp) for i, lp in kept if i is not None]  # the rest: in the bucket
+            if student_ids[s0] not in [i for i, _ in kept]:  # the target token, always a class
+                kept.append((student_ids[s0], entry.logprobs[t0]))
+            for slot, (i, lp) in enumerate(kept):
+                f["xt_ids"][s0, slot], f["xt_logprobs"][s0, slot] = i, lp
+                f["xt_valid"][s0, slot] = True
         else:
             f["xt_kind"][s0], f["xt_last"][s0] = SPAN, s1 - 1
             f["xt_span_logprob"][s0] = sum(entry.logprobs[t0:t1])

@@ -274,14 +274,138 @@ def write_topk_from_server(
     )
     tokens = TokenMap(vocabulary, vocab_size or vocabulary.vocab_size)
     chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    backend = ScoringBackend(config, k)
+    entries = []
+    for chunk, answer in zip(
+        chunks, _score(ScoringBackend(config, k), chunks, config), strict=True
+    ):
+        entries += [_entry(e, lp, k, tokens) for e, lp in zip(chunk, answer.logprobs, strict=True)]
+        _check_prompt_tokens(answer, chunk)  # after the targets: their error names the example
+    return _save(output, entries, tokens.vocab_size)
+
+
+class PiecesBackend(ScoringBackend):
+    """ScoringBackend for a teacher with another tokenizer: the answer is kept in the teacher's
+    pieces. An encoder-decoder server (ours) scores the target as `decoder_prompt`; a decoder-only
+    one (vLLM) scores input + " " + target as one prompt (`echo`, `max_tokens: 1`: some servers
+    refuse 0; the generated token is dropped). A choice without logprobs is kept as None, so
+    that the error names its example."""
+
+    def __init__(self, config: HTTPConfig, k: int, decoder_only: bool) -> None:
+        super().__init__(config, k)
+        self.decoder_only = decoder_only
+
+    def _body(self, req: TeacherRequest) -> dict[str, Any]:
+        if not self.decoder_only:
+            return super()._body(req)
+        assert isinstance(req, ScoreRequest)
+        prompts = [
+            f"{p}{PROMPT_SEPARATOR}{t}" for p, t in zip(req.prompts, req.targets, strict=True)
+        ]
+        return {"model": self.config.model, "prompt": prompts, "echo": True, "max_tokens": 1,
+                "logprobs": self.k, "temperature": 0}  # fmt: skip
+
+    def _parse(self, req: TeacherRequest, data: Any) -> Completion:
+        choices = sorted(data["choices"], key=lambda c: c["index"])
+        if len(choices) != len(req.prompts):
+            raise TypeError("one choice per prompt expected")
+        return Scores("", 0, 0, logprobs=tuple(c.get("logprobs") for c in choices))
+
+
+PROMPT_SEPARATOR = " "  # decoder-only: between input and target; the target's first piece has it
+
+
+def _pieces_entry(
+    example: dict[str, Any], logprobs: dict[str, Any] | None, k: int, decoder_only: bool
+) -> Any:
+    """The cross_tokenizer.Entry of one example's answer, checked."""
+    from distill_sbs import cross_tokenizer
+
+    where = f"example {example['id']!r} ({example['objective']})"
+    target = example["targets_text"]
+    if not isinstance(logprobs, dict) or not logprobs.get("tokens"):
+        raise ServerTopKError(
+            f"{where}: the server returned no logprobs: it must score the text (completions "
+            "with 'echo' and 'logprobs', as vLLM and distill_sbs.serve do)"
+        )
+    tokens, lps = list(logprobs["tokens"]), list(logprobs.get("token_logprobs") or [])
+    tops = list(logprobs.get("top_logprobs") or [])
+    if decoder_only:  # keep the target's tokens: from the input's end to the generated one
+        offsets = list(logprobs.get("text_offset") or [])
+        start, end = len(example["inputs_text"]), len(example["inputs_text"]) + 1 + len(target)
+        if start not in offsets:
+            raise ServerTopKError(
+                f"{where}: no teacher token starts where the input ends (character {start}): a "
+                "piece straddles the input and the target"
+            )
+        keep = [j for j, o in enumerate(offsets) if start <= o < end]
+        tokens, lps, tops = ([x[j] for j in keep] for x in (tokens, lps, tops))
+    spans = cross_tokenizer.piece_spans(tokens, target, where)
+    if len(lps) != len(tokens) or any(lp is None for lp in lps):
+        raise ServerTopKError(f"{where}: the server returned no logprob for some target token")
+    for j in range(len(tokens)):
+        top = tops[j] if j < len(tops) else None
+        if not isinstance(top, dict) or len(top) < k:
+            raise ServerTopKError(
+                f"{where}: the server gave {len(top) if isinstance(top, dict) else 'no'} top "
+                f"log-probabilities at target token {j}, k={k} were asked for"
+            )
+    best = tuple(
+        tuple(sorted(((p, float(v)) for p, v in t.items()), key=lambda x: -x[1])[:k])
+        for t in tops[: len(tokens)]
+    )
+    lps = tuple(float(x) for x in lps)
+    return cross_tokenizer.Entry(
+        example["id"], example["objective"], target, tuple(tokens), tuple(spans), lps, best
+    )
+
+
+def write_pieces_from_server(
+    config: HTTPConfig,
+    mixture_or_task_name: str,
+    output: str,
+    *,
+    k: int,
+    split: str = "train",
+    batch_size: int = 16,
+    decoder_only: bool = False,
+    examples: Sequence[dict[str, Any]] | None = None,
+) -> int:
+    """The teacher's top-k in its own tokenizer (a teacher with another tokenizer), written as
+    cross_tokenizer's pieces file: per target its pieces, their character spans in the target
+    text, their log-probs and the top-k {piece: log-prob} of each position. `examples` (of
+    task_examples) scores those only. Returns the number of entries; ServerTopKError for an
+    answer that does not fit, RuntimeError for a request that failed for good."""
+    from distill_sbs import cross_tokenizer
+
+    if examples is None:
+        examples = task_examples(mixture_or_task_name, split)
+    if any(e["inputs_text"] is None or e["targets_text"] is None for e in examples):
+        raise ServerTopKError(
+            f"{mixture_or_task_name}: its examples keep no inputs_/targets_pretokenized text "
+            "to send to a server"
+        )
+    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    answers = _score(PiecesBackend(config, k, decoder_only), chunks, config)
+    entries = [
+        _pieces_entry(e, lp, k, decoder_only)
+        for chunk, answer in zip(chunks, answers, strict=True)
+        for e, lp in zip(chunk, answer.logprobs, strict=True)
+    ]
+    cross_tokenizer.save(output, entries)
+    return len(entries)
+
+
+def _score(
+    backend: ScoringBackend, chunks: Sequence[Sequence[dict[str, Any]]], config: HTTPConfig
+) -> list[Scores]:
+    """One scoring request per chunk; RuntimeError naming the examples of one that failed."""
     answers: dict[str, Scores | RequestFailed] = {}
     reqs = [_request(i, chunk) for i, chunk in enumerate(chunks)]
     try:
         backend.run(reqs, lambda req, result: answers.__setitem__(req.key, result))
     finally:
         backend.close()
-    entries = []
+    out = []
     for req, chunk in zip(reqs, chunks, strict=True):
         answer = answers[req.key]
         if isinstance(answer, RequestFailed):
@@ -289,9 +413,8 @@ def write_topk_from_server(
                 f"{config.base_url}: scoring examples {chunk[0]['id']!r}..{chunk[-1]['id']!r} "
                 f"failed: {answer}"
             )
-        entries += [_entry(e, lp, k, tokens) for e, lp in zip(chunk, answer.logprobs, strict=True)]
-        _check_prompt_tokens(answer, chunk)  # after the targets: their error names the example
-    return _save(output, entries, tokens.vocab_size)
+        out.append(answer)
+    return out
 
 
 def _check_prompt_tokens(answer: Scores, chunk: Sequence[dict[str, Any]]) -> None:
