@@ -41,7 +41,8 @@ class KD:
     teacher: a teacher checkpoint (native or Hugging Face T5) run online; None reads the top-k
       log-probabilities saved with the records (teacher_topk_path.path).
     weights: objective name -> gamma_k, the weight of that objective's divergence term.
-    kind, beta, temperature, scale_by_t2: see losses.distillation_divergence.
+    kind, beta, skew, temperature, scale_by_t2: see losses.distillation_divergence (kind one of
+      losses.DIVERGENCES; beta for "jsd", skew for "skew_kl" / "skew_reverse_kl").
     teacher_dtype: "bfloat16" runs the online teacher's parameters and activations in bf16.
     topk: use the k best of the stored log-probabilities (None: all stored).
     """
@@ -50,6 +51,7 @@ class KD:
     teacher: str | None = None
     kind: str = "forward_kl"
     beta: float = 0.5
+    skew: float = 0.1
     temperature: float = 1.0
     scale_by_t2: bool = False
     teacher_dtype: str = "float32"
@@ -58,6 +60,8 @@ class KD:
     def __post_init__(self) -> None:
         if self.kind not in DIVERGENCES:
             raise ValueError(f"KD.kind={self.kind!r}: expected one of {DIVERGENCES}")
+        if self.kind.startswith("skew") and not 0.0 <= self.skew < 1.0:
+            raise ValueError(f"KD.skew={self.skew}: {self.kind} needs 0 <= skew < 1")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"KD.teacher_dtype={self.teacher_dtype!r}: one of {TEACHER_DTYPES}")
         if not self.weights:
@@ -77,6 +81,7 @@ class KD:
             "divergence_weights": tuple(float(self.weights.get(n, 0.0)) for n in objective_names),
             "divergence": self.kind,
             "beta": self.beta,
+            "skew": self.skew,
             "temperature": self.temperature,
             "scale_by_t2": self.scale_by_t2,
         }

@@ -133,6 +133,7 @@ class ObjectiveLoss:
     divergence_weights: Sequence[float] = ()
     divergence: str = "forward_kl"
     beta: float = 0.5
+    skew: float = 0.1
     temperature: float = 1.0
     scale_by_t2: bool = False
 
@@ -176,6 +177,7 @@ class ObjectiveLoss:
                 teacher,
                 kind=self.divergence,
                 beta=self.beta,
+                skew=self.skew,
                 temperature=self.temperature,
                 scale_by_t2=self.scale_by_t2,
             )
@@ -211,7 +213,7 @@ def summarize_metrics(
 
 # ---- distillation divergences (docs/distillation.md) ------------------------------------------
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl")
 TopK = tuple  # (ids int [..., k], log-probs float [..., k]): a teacher's k most likely tokens
 _REST_MIN = 1e-6  # least rest mass of a top-k teacher with k < vocab (its stored log-probs
 # are rounded, so their sum may reach 1; a zero rest would make reverse KL infinite)
@@ -251,12 +253,24 @@ def _kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(present, jnp.exp(lp) * (lp - lq), 0.0), axis=-1)
 
 
+def _log_mixture(log_p: jax.Array, log_q: jax.Array, weight_p: float) -> jax.Array:
+    """log(weight_p P + (1 - weight_p) Q) per class, 0 <= weight_p <= 1; -inf where both are 0
+    (the rest bucket when k = vocab), with finite gradients there."""
+    empty = (log_p == -jnp.inf) & (log_q == -jnp.inf)
+    log_m = jnp.logaddexp(
+        jnp.where(empty, 0.0, jnp.log(weight_p) + log_p),  # no NaN gradient at (-inf, -inf)
+        jnp.where(empty, 0.0, jnp.log1p(-weight_p) + log_q),
+    )
+    return jnp.where(empty, -jnp.inf, log_m)
+
+
 def distillation_divergence(
     student_logits: jax.Array,
     teacher: jax.Array | TopK,
     *,
     kind: str = "forward_kl",
     beta: float = 0.5,
+    skew: float = 0.1,
     temperature: float = 1.0,
     scale_by_t2: bool = False,
 ) -> jax.Array:
@@ -268,12 +282,16 @@ def distillation_divergence(
     the k ids and one bucket for the rest of the mass (exact when k = vocab), and tempered over
     those classes (p_c^(1/T), renormalised). kind: "forward_kl" KL(P||Q); "reverse_kl" KL(Q||P);
     "jsd" generalized JSD(beta) = beta KL(P||M) + (1-beta) KL(Q||M), M = beta P + (1-beta) Q,
-    0 < beta < 1 (GKD). scale_by_t2 multiplies by T^2 (Hinton et al.: keeps gradient scale).
+    0 < beta < 1 (GKD); "skew_kl" KL(P || a P + (1-a) Q) and "skew_reverse_kl"
+    KL(Q || (1-a) P + a Q), a = skew, 0 <= a < 1 (DistiLLM; a = 0 is forward / reverse KL).
+    scale_by_t2 multiplies by T^2 (Hinton et al.: keeps gradient scale).
     """
     if kind not in DIVERGENCES:
         raise ValueError(f"divergence kind {kind!r}: expected one of {DIVERGENCES}")
     if kind == "jsd" and not 0.0 < beta < 1.0:
         raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta} (use forward_kl/reverse_kl)")
+    if kind.startswith("skew") and not 0.0 <= skew < 1.0:
+        raise ValueError(f"{kind} needs 0 <= skew < 1, got skew={skew}")
     if temperature <= 0.0:
         raise ValueError(f"distillation temperature must be > 0, got {temperature}")
     dtype = jnp.promote_types(student_logits.dtype, jnp.float32)  # bf16 -> f32; f64 stays
@@ -294,12 +312,11 @@ def distillation_divergence(
         d = _kl(log_p, log_q)
     elif kind == "reverse_kl":
         d = _kl(log_q, log_p)
+    elif kind == "skew_kl":
+        d = _kl(log_p, _log_mixture(log_p, log_q, skew))
+    elif kind == "skew_reverse_kl":
+        d = _kl(log_q, _log_mixture(log_p, log_q, 1.0 - skew))
     else:
-        empty = (log_p == -jnp.inf) & (log_q == -jnp.inf)  # the rest bucket when k = vocab
-        log_m = jnp.logaddexp(
-            jnp.where(empty, 0.0, jnp.log(beta) + log_p),  # no NaN gradient at (-inf, -inf)
-            jnp.where(empty, 0.0, jnp.log1p(-beta) + log_q),
-        )
-        log_m = jnp.where(empty, -jnp.inf, log_m)
+        log_m = _log_mixture(log_p, log_q, beta)
         d = beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
     return d * temperature**2 if scale_by_t2 else d

@@ -19,7 +19,16 @@ from distill_sbs.partitioning import create_partitioner
 from distill_sbs.teachers import topk
 from distill_sbs.trainer import Trainer
 
-KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.9)]
+# (kind, mixing weight: beta of jsd, skew a of the skew KLs, unused by the plain KLs)
+KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.9), ("skew_kl", 0.1),
+         ("skew_reverse_kl", 0.6)]  # fmt: skip
+
+
+def _mixing(kind, mix):
+    """distillation_divergence's keyword for the kind's mixing weight."""
+    return {"jsd": {"beta": mix}, "skew_kl": {"skew": mix}, "skew_reverse_kl": {"skew": mix}}.get(
+        kind, {}
+    )
 
 
 # ---- numpy references of the definitions (float64) --------------------------------------------
@@ -30,7 +39,7 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _np_div(log_p, log_q, kind, beta):
+def _np_div(log_p, log_q, kind, mix):
     p, q = np.exp(log_p), np.exp(log_q)
 
     def kl(a, la, lb):
@@ -40,76 +49,90 @@ def _np_div(log_p, log_q, kind, beta):
         return kl(p, log_p, log_q)
     if kind == "reverse_kl":
         return kl(q, log_q, log_p)
-    m = beta * p + (1 - beta) * q
-    return beta * kl(p, log_p, np.log(m)) + (1 - beta) * kl(q, log_q, np.log(m))
+    if kind == "skew_kl":  # KL(P || a P + (1 - a) Q)
+        return kl(p, log_p, np.log(mix * p + (1 - mix) * q))
+    if kind == "skew_reverse_kl":  # KL(Q || (1 - a) P + a Q)
+        return kl(q, log_q, np.log((1 - mix) * p + mix * q))
+    m = mix * p + (1 - mix) * q
+    return mix * kl(p, log_p, np.log(m)) + (1 - mix) * kl(q, log_q, np.log(m))
 
 
-def _np_full(student, teacher, kind, beta, t):
-    return _np_div(_log_softmax(teacher / t), _log_softmax(student / t), kind, beta)
+def _np_full(student, teacher, kind, mix, t):
+    return _np_div(_log_softmax(teacher / t), _log_softmax(student / t), kind, mix)
 
 
-def _np_topk(student, ids, teacher_lp, kind, beta, t):
+def _np_topk(student, ids, teacher_lp, kind, mix, t):
     """Buckets: the k ids plus the rest, from the definition (sums of probabilities)."""
     q = np.exp(_log_softmax(student))
     q_top = np.take_along_axis(q, ids, -1)
     p_top = np.exp(teacher_lp)
     p = np.concatenate([p_top, 1 - p_top.sum(-1, keepdims=True)], -1)
     q = np.concatenate([q_top, 1 - q_top.sum(-1, keepdims=True)], -1)
-    return _np_div(_log_softmax(np.log(p) / t), _log_softmax(np.log(q) / t), kind, beta)
+    return _np_div(_log_softmax(np.log(p) / t), _log_softmax(np.log(q) / t), kind, mix)
 
 
 def _logits(seed, shape=(3, 5, 17), scale=3.0):
     return np.random.default_rng(seed).normal(size=shape) * scale
 
 
-@pytest.mark.parametrize("kind,beta", KINDS)
+@pytest.mark.parametrize("kind,mix", KINDS)
 @pytest.mark.parametrize("t,t2", [(1.0, False), (2.0, True), (0.7, False)])
-def test_full_logits_match_numpy(kind, beta, t, t2):
+def test_full_logits_match_numpy(kind, mix, t, t2):
     s, te = _logits(0), _logits(1)
     with jax.enable_x64(True):
         got = distillation_divergence(
-            jnp.asarray(s), jnp.asarray(te), kind=kind, beta=beta, temperature=t, scale_by_t2=t2
+            jnp.asarray(s),
+            jnp.asarray(te),
+            kind=kind,
+            **_mixing(kind, mix),
+            temperature=t,
+            scale_by_t2=t2,
         )
         got = np.asarray(got)
-    want = _np_full(s, te, kind, beta, t) * (t * t if t2 else 1.0)
+    want = _np_full(s, te, kind, mix, t) * (t * t if t2 else 1.0)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     assert (want >= -1e-12).all()
 
 
-@pytest.mark.parametrize("kind,beta", KINDS)
+@pytest.mark.parametrize("kind,mix", KINDS)
 @pytest.mark.parametrize("t", [1.0, 1.5])
-def test_topk_matches_numpy(kind, beta, t):
+def test_topk_matches_numpy(kind, mix, t):
     s, te = _logits(2), _logits(3)
     lp = _log_softmax(te)
     ids = np.argsort(-lp, -1)[..., :4]
     top_lp = np.take_along_axis(lp, ids, -1)
     with jax.enable_x64(True):
+        top = (jnp.asarray(ids), jnp.asarray(top_lp))
         got = distillation_divergence(
-            jnp.asarray(s), (jnp.asarray(ids), jnp.asarray(top_lp)), kind=kind, beta=beta,
-            temperature=t,
-        )  # fmt: skip
+            jnp.asarray(s), top, kind=kind, **_mixing(kind, mix), temperature=t
+        )
         got = np.asarray(got)
-    np.testing.assert_allclose(got, _np_topk(s, ids, top_lp, kind, beta, t), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got, _np_topk(s, ids, top_lp, kind, mix, t), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("kind,beta", KINDS)
-def test_topk_with_k_equal_vocab_equals_full_logits(kind, beta):
+@pytest.mark.parametrize("kind,mix", KINDS)
+def test_topk_with_k_equal_vocab_equals_full_logits(kind, mix):
     s, te = _logits(4), _logits(5)
     lp = _log_softmax(te)
     ids = np.argsort(-lp, -1)  # every id, best first
     top = (jnp.asarray(ids), jnp.asarray(np.take_along_axis(lp, ids, -1), jnp.float32))
     s32 = jnp.asarray(s, jnp.float32)
-    full = distillation_divergence(s32, jnp.asarray(te, jnp.float32), kind=kind, beta=beta)
-    sparse = distillation_divergence(s32, top, kind=kind, beta=beta)
+    full = distillation_divergence(
+        s32, jnp.asarray(te, jnp.float32), kind=kind, **_mixing(kind, mix)
+    )
+    sparse = distillation_divergence(s32, top, kind=kind, **_mixing(kind, mix))
     np.testing.assert_allclose(np.asarray(sparse), np.asarray(full), atol=2e-6)
-    g_full = jax.grad(lambda x: distillation_divergence(x, jnp.asarray(te), kind=kind).sum())(s32)
-    g_top = jax.grad(lambda x: distillation_divergence(x, top, kind=kind).sum())(s32)
+    mixing = _mixing(kind, mix)
+    g_full = jax.grad(
+        lambda x: distillation_divergence(x, jnp.asarray(te), kind=kind, **mixing).sum()
+    )(s32)
+    g_top = jax.grad(lambda x: distillation_divergence(x, top, kind=kind, **mixing).sum())(s32)
     np.testing.assert_allclose(np.asarray(g_top), np.asarray(g_full), atol=2e-6)
 
 
-@pytest.mark.parametrize("kind,beta", KINDS)
+@pytest.mark.parametrize("kind,mix", KINDS)
 @pytest.mark.parametrize("sparse", [False, True])
-def test_gradients_by_finite_differences(kind, beta, sparse):
+def test_gradients_by_finite_differences(kind, mix, sparse):
     s, te = _logits(6, (2, 3, 7)), _logits(7, (2, 3, 7))
     lp = _log_softmax(te)
     ids = np.argsort(-lp, -1)[..., :3]
@@ -119,12 +142,57 @@ def test_gradients_by_finite_differences(kind, beta, sparse):
         tj = jax.tree.map(jnp.asarray, teacher)
 
         def f(x):
-            return jnp.sum(distillation_divergence(x, tj, kind=kind, beta=beta, temperature=1.3))
+            return jnp.sum(
+                distillation_divergence(x, tj, kind=kind, **_mixing(kind, mix), temperature=1.3)
+            )
 
         grad = np.asarray(jax.grad(f)(jnp.asarray(s)))
         eps = 1e-6
         numeric = (float(f(s + eps * direction)) - float(f(s - eps * direction))) / (2 * eps)
     np.testing.assert_allclose(np.sum(grad * direction), numeric, rtol=1e-6, atol=1e-8)
+
+
+def _value_and_grad(student, teacher, **kw):
+    f = lambda x: distillation_divergence(x, teacher, **kw)  # noqa: E731
+    return f(student), jax.grad(lambda x: f(x).sum())(student)
+
+
+def _teachers(seed):
+    """(full logits, top-4 of them) of one teacher (float64 under enable_x64)."""
+    te = _logits(seed)
+    lp = _log_softmax(te)
+    ids = np.argsort(-lp, -1)[..., :4]
+    return jnp.asarray(te), (jnp.asarray(ids), jnp.asarray(np.take_along_axis(lp, ids, -1)))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_skew_kls_at_zero_are_forward_and_reverse_kl(sparse):
+    with jax.enable_x64(True):
+        s, teacher = jnp.asarray(_logits(11)), _teachers(12)[sparse]
+        for skew_kind, plain in (("skew_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")):
+            got = _value_and_grad(s, teacher, kind=skew_kind, skew=0.0, temperature=1.3)
+            want = _value_and_grad(s, teacher, kind=plain, temperature=1.3)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-12, rtol=1e-12)
+            # and a skew moves it: the test compares distinct functions
+            assert not np.allclose(_value_and_grad(s, teacher, kind=skew_kind, skew=0.1)[0],
+                                   want[0])  # fmt: skip
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("beta", [0.2, 0.9])
+def test_jsd_is_the_weighted_sum_of_the_skew_kls(beta, sparse):
+    # JSD(beta) = beta KL(P||M) + (1-beta) KL(Q||M) with M = beta P + (1-beta) Q
+    #           = beta SKL_beta(P||Q) + (1-beta) SRKL_(1-beta)(P||Q), exactly (values and grads).
+    with jax.enable_x64(True):
+        s, teacher = jnp.asarray(_logits(13)), _teachers(14)[sparse]
+        jsd = _value_and_grad(s, teacher, kind="jsd", beta=beta, temperature=0.8)
+        skl = _value_and_grad(s, teacher, kind="skew_kl", skew=beta, temperature=0.8)
+        srkl = _value_and_grad(s, teacher, kind="skew_reverse_kl", skew=1 - beta, temperature=0.8)
+        for j, a, b in zip(jsd, skl, srkl, strict=True):
+            np.testing.assert_allclose(
+                np.asarray(j), beta * np.asarray(a) + (1 - beta) * np.asarray(b), atol=1e-12
+            )
 
 
 def test_no_gradient_reaches_the_teacher():
@@ -141,6 +209,11 @@ def test_bad_arguments_raise_one_clear_error():
         distillation_divergence(s, s, kind="kl")
     with pytest.raises(ValueError, match="0 < beta < 1"):
         distillation_divergence(s, s, kind="jsd", beta=1.0)
+    for kind, skew in (("skew_kl", 1.0), ("skew_reverse_kl", -0.1)):
+        with pytest.raises(ValueError, match=f"{kind} needs 0 <= skew < 1"):
+            distillation_divergence(s, s, kind=kind, skew=skew)
+    with pytest.raises(ValueError, match="KD.skew=1.0: skew_kl needs 0 <= skew < 1"):
+        distillation.KD(weights={"rationale": 1.0}, kind="skew_kl", skew=1.0)
     with pytest.raises(ValueError, match="no teacher"):
         ObjectiveLoss((1.0,), divergence_weights=(0.5,))(s, _batch_of(s))
 
