@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import threefry_2x32
 
+from distill_sbs.errors import UserError
+
 PAD_ID = 0  # also the decoder start token, as in T5
 EOS_ID = 1
 
@@ -257,6 +259,79 @@ class RelativePositionBias(nn.Module):
         return jnp.take(table, buckets, axis=1).transpose(1, 0, 2, 3)
 
 
+# How attention is computed. "einsum": the reference (scores, softmax, weighted values as three
+# XLA ops; the activations kept for the backward pass include the [b, h, q, k] weights).
+# "xla" and "cudnn": `jax.nn.dot_product_attention` with that implementation; "cudnn" is cuDNN's
+# fused flash attention (NVIDIA GPUs, bfloat16 activations, head_dim a multiple of 8 up to 128, or
+# 256 from Hopper on, even lengths when training), which keeps no [b, h, q, k] tensor for the
+# backward pass. Neither fused path has dropout on the attention weights.
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+@gin.configurable(module="distill_sbs.network")
+def attention_impl(impl: str = "einsum") -> str:
+    """The attention implementation (gin: `attention_impl.impl = 'cudnn'`); checked by
+    `attention_impl_of`. Not a T5Config field: checkpoints store T5Config, and the same weights
+    serve under any implementation."""
+    return impl
+
+
+def attention_impl_of(config: T5Config) -> str:
+    """The configured implementation for `config`, a one-line UserError where it cannot run."""
+    impl = attention_impl()
+    if impl not in ATTENTION_IMPLS:
+        raise UserError(f"attention_impl.impl: unknown {impl!r}; known {list(ATTENTION_IMPLS)}")
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise UserError(
+            f"attention_impl.impl = 'cudnn' needs an NVIDIA GPU (jax's backend here is "
+            f"{jax.default_backend()!r}); use 'xla' or 'einsum'"
+        )
+    if impl == "cudnn" and config.dtype != "bfloat16":
+        raise UserError(
+            f"attention_impl.impl = 'cudnn' needs T5Config.dtype = 'bfloat16' (cuDNN's fused "
+            f"attention takes 16-bit inputs), got {config.dtype!r}"
+        )
+    return impl
+
+
+@flax.struct.dataclass
+class ScoresBias:
+    """What an attention adds to its scores, built once per stack and shared by its layers.
+
+    bias: float32 [b or 1, heads, q, k], T5's relative position bias (None: cross-attention);
+    on the einsum path the masks are folded into it (-1e10 where masked), as one tensor.
+    mask: bool [b or 1, 1, q or 1, k], True where a query may see a key (None: everywhere).
+    causal: a query sees no later key either (the fused paths build that mask themselves).
+    """
+
+    bias: jax.Array | None
+    mask: jax.Array | None
+    causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def build(
+        cls, config: T5Config, bias: jax.Array | None, mask: jax.Array, causal: bool = False
+    ) -> ScoresBias:
+        """The einsum path's one additive bias, or the fused paths' bias, mask and causal flag."""
+        if attention_impl_of(config) != "einsum":
+            return cls(bias, mask, causal)
+        return cls(cls(bias, mask, causal).einsum_bias(), None)
+
+    def einsum_bias(self) -> jax.Array:
+        """Bias and masks as one float32 tensor for the einsum path."""
+        if self.mask is None and not self.causal:
+            assert self.bias is not None
+            return self.bias
+        mask = self.mask
+        if self.causal:
+            assert self.bias is not None  # causal is self-attention: it has a position bias
+            q, k = self.bias.shape[-2:]
+            tril = jnp.tril(jnp.ones((q, k), dtype=bool))[None, None]
+            mask = tril if mask is None else tril & mask
+        masked = _mask_to_bias(mask)
+        return masked if self.bias is None else self.bias + masked
+
+
 class Attention(nn.Module):
     """Multi-head attention without 1/sqrt(d) scaling (folded into the query init, as in T5).
 
@@ -273,7 +348,7 @@ class Attention(nn.Module):
         self,
         x: jax.Array,
         kv_input: jax.Array | None,
-        bias: jax.Array,
+        scores_bias: ScoresBias,
         *,
         deterministic: bool,
         decode: bool = False,
@@ -322,10 +397,39 @@ class Attention(nn.Module):
                     key, value = ck.value, cv.value
                     kv_spec = "bhkd"
 
-        scores = jnp.einsum(f"bqhd,{kv_spec}->bhqk", q, key).astype(jnp.float32) + bias
-        weights = jax.nn.softmax(scores, axis=-1)
-        weights = Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum(f"bhqk,{kv_spec}->bqhd", weights.astype(dtype), value)
+        impl = attention_impl_of(cfg)
+        if impl == "einsum" or kv_spec == "bhkd":
+            # the reference; also the cached decode step, whatever the implementation: one query
+            # keeps no activations to save, and the cache's [b, h, k, d] layout is what these
+            # products read without a transpose (the fused kernels take [b, k, h, d])
+            bias = scores_bias.einsum_bias()
+            scores = jnp.einsum(f"bqhd,{kv_spec}->bhqk", q, key).astype(jnp.float32) + bias
+            weights = jax.nn.softmax(scores, axis=-1)
+            weights = Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+            out = jnp.einsum(f"bhqk,{kv_spec}->bqhd", weights.astype(dtype), value)
+        else:
+            if cfg.dropout_rate > 0 and not deterministic:
+                raise UserError(
+                    f"attention_impl.impl = {impl!r} has no dropout on the attention weights: "
+                    f"train it with T5Config.dropout_rate = 0, or use 'einsum'"
+                )
+            bias = scores_bias.bias
+            if bias is not None and impl == "cudnn":
+                bias = bias.astype(dtype)  # cuDNN adds a bias of the inputs' dtype
+            try:
+                out = jax.nn.dot_product_attention(
+                    q,
+                    key,
+                    value,
+                    bias=bias,
+                    mask=scores_bias.mask,
+                    scale=1.0,  # T5 folds 1/sqrt(d) into the query's initialisation
+                    is_causal=scores_bias.causal,
+                    implementation=impl,
+                )
+            except (NotImplementedError, RuntimeError) as e:  # cuDNN: shapes, versions, no cuDNN
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"attention_impl.impl = {impl!r}: {first}") from e
         wo = Kernel((h, d, e), ("heads", "kv", "embed"), (h * d) ** -0.5, name="out")()
         y = jnp.einsum("bqhd,hde->bqe", out, wo.astype(dtype))
         return _constrain(y, ("batch", "length", "embed"))
@@ -358,7 +462,7 @@ class EncoderLayer(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: ScoresBias, deterministic: bool) -> jax.Array:
         cfg = self.config
         drop = Dropout(cfg.dropout_rate)
         y = RMSNorm(cfg, name="pre_attention_layer_norm")(x)
@@ -378,8 +482,8 @@ class DecoderLayer(nn.Module):
         self,
         x: jax.Array,
         encoded: jax.Array,
-        self_bias: jax.Array,
-        cross_bias: jax.Array,
+        self_bias: ScoresBias,
+        cross_bias: ScoresBias,
         deterministic: bool,
         decode: bool,
         cache_index: jax.Array | None,
@@ -459,12 +563,12 @@ class Encoder(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         pos = _positions(tokens, None if packing is None else packing.encoder_positions)
-        bias = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(pos, pos)
+        relpos = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(pos, pos)
         mask = (tokens > 0)[:, None, None, :]
         if packing is not None:
             seg = packing.encoder_segment_ids
             mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
-        bias = bias + _mask_to_bias(mask)
+        bias = ScoresBias.build(cfg, relpos, mask)
         x = Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
         layer = _layer_class(EncoderLayer, training_path=True)
         for i in range(cfg.num_encoder_layers):
@@ -496,20 +600,21 @@ class Decoder(nn.Module):
             # one new token at position cache_index against the cache's max_decode_length slots
             k_pos = jnp.arange(max_decode_length, dtype=jnp.int32)[None, :]
             q_pos = jnp.reshape(cache_index, (1, 1)).astype(jnp.int32)
-            self_bias = relpos(q_pos, k_pos) + _mask_to_bias(k_pos[:, None, None, :] <= cache_index)
+            # (the cached step is always the einsum path's: see Attention)
+            step_mask = k_pos[:, None, None, :] <= cache_index
+            self_bias = ScoresBias(relpos(q_pos, k_pos) + _mask_to_bias(step_mask), None)
         else:
             pos = _positions(decoder_tokens, None if packing is None else packing.decoder_positions)
-            length = decoder_tokens.shape[1]
-            causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+            seg_mask = None
             if packing is not None:
                 seg = packing.decoder_segment_ids
-                causal = causal & (seg[:, None, :, None] == seg[:, None, None, :])
-            self_bias = relpos(pos, pos) + _mask_to_bias(causal)
+                seg_mask = seg[:, None, :, None] == seg[:, None, None, :]
+            self_bias = ScoresBias.build(cfg, relpos(pos, pos), seg_mask, causal=True)
         cross_mask = (encoder_tokens > 0)[:, None, None, :]
         if packing is not None:
             dec_seg, enc_seg = packing.decoder_segment_ids, packing.encoder_segment_ids
             cross_mask = cross_mask & (dec_seg[:, None, :, None] == enc_seg[:, None, None, :])
-        cross_bias = _mask_to_bias(cross_mask)
+        cross_bias = ScoresBias.build(cfg, None, cross_mask)
         x = Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
         layer = _layer_class(DecoderLayer, training_path=not decode)
         for i in range(cfg.num_decoder_layers):
