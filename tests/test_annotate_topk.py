@@ -213,3 +213,292 @@ def test_token_text_names_ids_without_a_piece(t5_vocab):
     assert token_text(tokenizer, 1) == "</s>"
     assert token_text(tokenizer, 32005) == "token_id:32005"
     assert token_text(tokenizer, 32127) == "token_id:32127"
+
+
+# ---- a teacher with another tokenizer: --pieces (distill_sbs/cross_tokenizer.py) -------------
+
+
+@pytest.fixture(scope="module")
+def world_teacher(tmp_path_factory):
+    """A tiny T5 over the world's 1,024-piece SentencePiece: another vocabulary than arith's 256."""
+    import distill_sbs
+    from distill_sbs.data.world import VOCAB_FILE
+
+    path = str(tmp_path_factory.mktemp("world") / "teacher")
+    return distill_sbs.load(save_tiny_checkpoint(path, VOCAB_FILE, vocab_size=1024))
+
+
+@pytest.fixture(scope="module")
+def world_server(world_teacher):
+    from distill_sbs.generation import ModelGenerator
+    from distill_sbs.serve import Server
+
+    gen = ModelGenerator(*world_teacher, max_input_length=128, max_batch_size=8)
+    with pytest.MonkeyPatch.context() as mp, Server(gen, api_key=SECRET, model_name="tiny") as s:
+        mp.setenv(KEY_ENV, SECRET)
+        yield s.base_url
+
+
+@pytest.fixture(scope="module")
+def arith_examples():
+    """Four label and four rationale examples of arith_dss's test split, as training reads them,
+    whose texts the world vocabulary spells without <unk> (its pieces cover them)."""
+    import distill_sbs.tasks  # noqa: F401
+    import sentencepiece as spm
+
+    from distill_sbs.data.world import VOCAB_FILE
+    from distill_sbs.teachers.topk import task_examples
+
+    world = spm.SentencePieceProcessor(model_file=VOCAB_FILE)
+    examples = [
+        e
+        for e in task_examples("arith_dss", "test")
+        if world.unk_id() not in world.encode(e["targets_text"])
+    ]
+    return [e for e in examples if e["objective"] == "label"][:4] + [
+        e for e in examples if e["objective"] == "rationale"
+    ][:4]
+
+
+@pytest.fixture(scope="module")
+def pieces_file(world_server, arith_examples, tmp_path_factory):
+    from distill_sbs.teachers.topk import write_pieces_from_server
+
+    out = str(tmp_path_factory.mktemp("pieces") / "arith.pieces.jsonl")
+    n = write_pieces_from_server(_config(world_server), "arith_dss", out, k=4, batch_size=3,
+                                 examples=arith_examples)  # fmt: skip
+    assert n == len(arith_examples)
+    return out
+
+
+def test_pieces_of_a_teacher_with_another_vocabulary(pieces_file, world_teacher, arith_examples):
+    """Each entry holds the teacher's own tokenization of the target text (EOS included), its
+    pieces' character spans, and log-probs equal to the teacher's log_softmax (numpy oracle)."""
+    import jax
+
+    from distill_sbs import cross_tokenizer
+    from distill_sbs.generation import token_text
+
+    model, params = world_teacher
+    logits_fn = jax.jit(model.logits)
+    tok = model.vocabulary.tokenizer
+    entries = cross_tokenizer.load(pieces_file)
+    assert list(entries) == [(e["id"], e["objective"]) for e in arith_examples]
+    differs = 0
+    for e in arith_examples:
+        entry = entries[(e["id"], e["objective"])]
+        tgt = [*model.vocabulary.encode(e["targets_text"]), 1]
+        assert entry.target == e["targets_text"]
+        assert list(entry.tokens) == [token_text(tok, t) for t in tgt]
+        assert "".join(entry.target[a:b] for a, b in entry.spans) == entry.target
+        differs += tgt != e["targets"]  # the student's (arith) ids of the same text
+        enc = np.zeros((1, 64), np.int32)  # one padded shape: one compilation
+        dec = np.zeros((1, 64), np.int32)
+        src = [*model.vocabulary.encode(e["inputs_text"]), 1]
+        enc[0, : len(src)], dec[0, 1 : len(tgt)] = src, tgt[:-1]
+        want = _log_softmax(np.asarray(logits_fn(params, enc, dec))[0, : len(tgt)])
+        np.testing.assert_allclose(entry.logprobs, want[np.arange(len(tgt)), tgt], atol=1e-5)
+        for j, top in enumerate(entry.top):
+            best = np.argsort(-want[j], kind="stable")[:4]
+            assert [p for p, _ in top] == [token_text(tok, int(i)) for i in best]
+            np.testing.assert_allclose([lp for _, lp in top], want[j, best], atol=1e-5)
+    assert differs == len(arith_examples)  # every target is tokenized otherwise by the teacher
+
+
+@pytest.mark.parametrize("loss", ["span", "uld"])
+def test_a_student_trains_on_the_pieces_file(pieces_file, arith_examples, loss):
+    """End to end: the served world-vocabulary teacher's pieces file distills an arith-vocabulary
+    student for a few steps through losses.weighted_objective_loss: the divergence is in the
+    metrics, finite, and falls."""
+    import jax
+    import optax
+    import seqio
+    from _tiny_t5 import tiny_config
+
+    from distill_sbs import cross_tokenizer
+    from distill_sbs.data.vocab import ARITH_SPM
+    from distill_sbs.losses import weighted_objective_loss
+    from distill_sbs.models import EncoderDecoderModel
+
+    tok = seqio.SentencePieceVocabulary(ARITH_SPM, extra_ids=0).tokenizer
+    entries = cross_tokenizer.load(pieces_file)
+    length, k = 48, 4
+    feats, enc, tgt = [], np.zeros((8, 48), np.int32), np.zeros((8, length), np.int32)
+    for r, e in enumerate(arith_examples):
+        entry = entries[(e["id"], e["objective"])]
+        pieces = cross_tokenizer.sentencepiece_text(tok, e["targets"])
+        lookup = cross_tokenizer.sentencepiece_lookup(tok)
+        feats.append(cross_tokenizer.features(entry, e["targets"], pieces, lookup, k, length))
+        enc[r, : len(e["inputs"])], tgt[r, : len(e["targets"])] = e["inputs"], e["targets"]
+    feats = cross_tokenizer.batch_features(feats)
+    assert (feats["xt_kind"] == cross_tokenizer.SPAN).any()  # spans of several tokens occur
+    dec_in = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
+    objectives = np.asarray([[0] * length] * 4 + [[1] * length] * 4, np.int32)
+    model = EncoderDecoderModel(tiny_config())
+    tx = optax.adam(3e-2)
+
+    def loss_fn(p):
+        logits = model.logits(p, enc, dec_in)
+        div = cross_tokenizer.divergence(loss, logits, tgt, feats)
+        weights = (tgt > 0).astype(np.float32)
+        return weighted_objective_loss(logits, tgt, weights, objectives, (0.0, 0.0),
+                                       divergence=div, divergence_weights=(1.0, 1.0))  # fmt: skip
+
+    @jax.jit
+    def step(p, opt):
+        (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+        updates, opt = tx.update(grads, opt, p)
+        return optax.apply_updates(p, updates), opt, value, metrics
+
+    params = model.init_params(jax.random.PRNGKey(0))
+    opt = tx.init(params)
+    values = []
+    for _ in range(8):
+        params, opt, value, metrics = step(params, opt)
+        values.append(float(value))
+        assert np.all(np.isfinite(metrics["div_sum"])) and np.all(metrics["div_sum"] > 0)
+    assert np.isfinite(values).all() and values[-1] < 0.8 * values[0], values
+
+
+class _Canned:
+    """An OpenAI-like server on 127.0.0.1 answering every POST with answer(body) (a dict); the
+    bodies it received are kept."""
+
+    def __init__(self, answer):
+        import http.server
+        import json
+        import threading
+
+        bodies = self.bodies = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                bodies.append(body)
+                raw = json.dumps(answer(body)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _vllm_answer(body):
+    """vLLM's echo answer for prompts "<input> <target>": a word a token (its leading space
+    included), the first token without a logprob, one generated token "." after the text."""
+    import re
+
+    choices = []
+    for i, prompt in enumerate(body["prompt"]):
+        words = [*re.findall(r"\s*\S+", prompt), "."]
+        offsets = [sum(len(w) for w in words[:j]) for j in range(len(words))]
+        top = [None] + [{w: -0.25, " x": -2.0, " y": -3.0} for w in words[1:]]
+        lps = [None] + [-0.25] * (len(words) - 1)
+        logprobs = {"tokens": words, "token_logprobs": lps, "top_logprobs": top,
+                    "text_offset": offsets}  # fmt: skip
+        choices.append({"index": i, "text": prompt + ".", "logprobs": logprobs})
+    return {"choices": choices, "usage": {"prompt_tokens": 1}}
+
+
+EXAMPLES = [{"id": "q1", "objective": "label", "inputs_text": "3 + 4 =", "targets_text": "7"},
+            {"id": "q2", "objective": "rationale", "inputs_text": "[rationale] 3 + 4 =",
+             "targets_text": "3 + 4 = 7. So 7"}]  # fmt: skip
+
+
+def test_pieces_from_a_decoder_only_server(tmp_path, monkeypatch):
+    """A decoder-only (vLLM) teacher scores input + " " + target as one prompt; the target's
+    tokens are those from the input's end to the generated one."""
+    from distill_sbs import cross_tokenizer
+    from distill_sbs.teachers.topk import write_pieces_from_server
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    out = str(tmp_path / "p.jsonl")
+    with _Canned(_vllm_answer) as s:
+        write_pieces_from_server(_config(s.base_url), "t", out, k=3, decoder_only=True,
+                                 examples=EXAMPLES)  # fmt: skip
+    assert s.bodies[0]["prompt"] == ["3 + 4 = 7", "[rationale] 3 + 4 = 3 + 4 = 7. So 7"]
+    assert "decoder_prompt" not in s.bodies[0] and s.bodies[0]["echo"] is True
+    entries = cross_tokenizer.load(out)
+    assert entries[("q1", "label")].tokens == (" 7",) and entries[("q1", "label")].spans == (
+        (0, 1),
+    )
+    q2 = entries[("q2", "rationale")]
+    assert q2.tokens == (" 3", " +", " 4", " =", " 7.", " So", " 7")
+    assert q2.spans[0] == (0, 1) and q2.spans[-1] == (13, 15)
+    assert q2.top[0] == ((" 3", -0.25), (" x", -2.0), (" y", -3.0))
+
+
+@pytest.mark.parametrize(
+    "change, k, needle",
+    [
+        (lambda lp: None, 3, r"example 'q1' \(label\): the server returned no logprobs"),
+        (lambda lp: {**lp, "top_logprobs": [*lp["top_logprobs"][:-2], None, {}]}, 3,
+         r"'q1' \(label\): the server gave no top log-probabilities at target token 0"),
+        (None, 4, r"'q1' \(label\): the server gave 3 top log-probabilities at target token 0, "
+                  r"k=4 were asked for"),
+        (lambda lp: {**lp, "tokens": ["3", " +", " 4", " =", " 8", "."]}, 3,
+         r"'q1' \(label\): the teacher's pieces do not cover the target text: piece 0 ' 8'"),
+    ],
+)  # fmt: skip
+def test_bad_server_answers_name_the_example(tmp_path, monkeypatch, change, k, needle):
+    from distill_sbs.errors import UserError  # one line in the program
+    from distill_sbs.teachers.topk import write_pieces_from_server
+
+    def answer(body):
+        a = _vllm_answer(body)
+        for c in a["choices"]:
+            c["logprobs"] = change(c["logprobs"]) if change else c["logprobs"]
+        return a
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    with _Canned(answer) as s, pytest.raises(UserError, match=needle):
+        write_pieces_from_server(_config(s.base_url), "t", str(tmp_path / "p.jsonl"), k=k,
+                                 decoder_only=True, examples=EXAMPLES[:1])  # fmt: skip
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_pieces_k_above_the_servers_max_and_no_logprobs_are_one_line(
+    world_server, tmp_path, subprocess_env
+):
+    """Our server refuses k = 21 (HTTP 400); a server answering without logprobs stops the
+    program with one line naming the example, exit 2."""
+    import distill_sbs.tasks  # noqa: F401
+
+    from distill_sbs.teachers.topk import write_pieces_from_server
+
+    with pytest.raises(RuntimeError, match=r"scoring examples .* failed: HTTP 400: .*'logprobs'"):
+        write_pieces_from_server(_config(world_server), "arith_dss", str(tmp_path / "x.jsonl"),
+                                 k=21, examples=EXAMPLES)  # fmt: skip
+
+    def no_logprobs(body):
+        return {"choices": [{"index": i, "text": "", "logprobs": None}
+                            for i in range(len(body["prompt"]))]}  # fmt: skip
+
+    out = str(tmp_path / "y.jsonl")
+    with _Canned(no_logprobs) as s:
+        cmd = [sys.executable, "-m", "distill_sbs.annotate_topk", f"--teacher_url={s.base_url}",
+               "--model=m", "--pieces", "--task=arith_dss", "--split=test", "--k=4",
+               f"--output={out}"]  # fmt: skip
+        p = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert lines == [
+        "error: example 'arith-test-0' (label): the server returned no logprobs: it must score "
+        "the text (completions with 'echo' and 'logprobs', as vLLM and distill_sbs.serve do)"
+    ], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "y.jsonl").exists()
