@@ -19,6 +19,10 @@ For each size (--sizes; t5_1_1 small and base from the package's gin/models file
   reported beside it).
 - decode: greedy decoding of random weights, ours vs HF generate (decode_benchmark.py), bf16.
 
+`--attention cudnn --dropout 0` runs our side (step, plans, decoding) with cuDNN's fused
+attention (`network.attention_impl`; the reference drops dropout too), `xla` the same call on
+any backend; the default is the einsum path.
+
 Figures are printed and the JSON is rewritten after every section, so a run cut short keeps what
 it measured. The dry run does everything on tiny configs with one step, so the device run is not
 the script's first.
@@ -50,7 +54,7 @@ import transformers  # noqa: E402
 from decode_benchmark import compare_decoding  # noqa: E402
 
 from distill_sbs import flops, memory_plan  # noqa: E402
-from distill_sbs.network import T5Config  # noqa: E402
+from distill_sbs.network import ATTENTION_IMPLS, T5Config  # noqa: E402
 
 GIB = 1024**3
 MODELS_DIR = os.path.join(os.path.dirname(flops.__file__), "gin", "models")
@@ -99,10 +103,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="full",
         help="also plan the step under these network.remat_policy values (comma-separated)",
     )
+    p.add_argument(
+        "--attention",
+        default="einsum",
+        choices=ATTENTION_IMPLS,
+        help="our attention (network.attention_impl): 'cudnn' is the fused flash attention on a "
+        "GPU; 'xla' and 'cudnn' need --dropout 0 (they have no attention-weight dropout)",
+    )
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.attention != "einsum" and args.dropout > 0:
+        p.error(f"--attention {args.attention}: has no attention-weight dropout; pass --dropout 0")
     if args.dry_run:
         args.batch, args.input_length, args.label_length, args.rationale_length = 2, 12, 3, 6
         args.steps, args.warmup, args.rounds = 1, 1, 1
@@ -127,6 +140,15 @@ def model_config(size: str, dry_run: bool) -> T5Config:
     return dataclasses.replace(config, dtype="bfloat16")
 
 
+def bind_network(args: argparse.Namespace, remat_policy: str | None = None) -> None:
+    """Our network's gin settings from here on: --attention, and a remat policy to plan."""
+    gin.clear_config()
+    with gin.unlock_config():
+        gin.bind_parameter("distill_sbs.network.attention_impl.impl", args.attention)
+        if remat_policy is not None:
+            gin.bind_parameter("distill_sbs.network.remat_policy.policy", remat_policy)
+
+
 def device_peak_bytes() -> int | None:
     """Peak bytes in use on JAX's first device so far (None where the backend keeps no count)."""
     stats = jax.local_devices()[0].memory_stats()
@@ -136,6 +158,7 @@ def device_peak_bytes() -> int | None:
 def train_section(size: str, args: argparse.Namespace, peak: float, device: str) -> dict:
     """Ours vs the reference on one size: throughput, MFU, memory plan vs measured peak."""
     config = dataclasses.replace(model_config(size, args.dry_run), dropout_rate=args.dropout)
+    bind_network(args)
     rng = np.random.default_rng(args.seed)
     ours_batches, ref_batches = tb.fixed_shape_batches(
         rng,
@@ -158,12 +181,11 @@ def train_section(size: str, args: argparse.Namespace, peak: float, device: str)
     plan_s = time.perf_counter() - t0
     remat = {}
     for policy in args.remat_policies:  # the same step, each layer rematerialised
-        with gin.unlock_config():
-            gin.bind_parameter("distill_sbs.network.remat_policy.policy", policy)
+        bind_network(args, policy)
         try:
             p = memory_plan.plan(ours.trainer, args.batch, lengths, pack=True)
         finally:
-            gin.clear_config()
+            bind_network(args)
         remat[policy] = {"temporaries": p.temporaries, "total": p.total}
     hf = ref.hf_t5(dataclasses.replace(config, dtype="float32"), "sdpa").to(device)
     reference = ref.ReferenceDssTrainer(hf, alpha=args.alpha, autocast=torch.bfloat16)
@@ -182,6 +204,7 @@ def train_section(size: str, args: argparse.Namespace, peak: float, device: str)
     )
     measured = device_peak_bytes()
     out["reference"]["attention"] = hf.config._attn_implementation
+    out["attention"] = args.attention
     if device == "cuda":
         out["reference"]["torch_peak_bytes"] = int(torch.cuda.max_memory_allocated())
     out["memory"] = {
@@ -209,6 +232,7 @@ def train_section(size: str, args: argparse.Namespace, peak: float, device: str)
 
 def decode_section(size: str, args: argparse.Namespace, device: str) -> dict:
     config = model_config(size, args.dry_run)
+    bind_network(args)
     out = compare_decoding(
         config,
         batch=args.decode_batch,
