@@ -9,6 +9,9 @@ Two sources satisfy `trainer.Teacher` and run inside the jitted train step, once
     OfflineTopK     the teacher's top-k log-probabilities per target token, saved with the records
                     (data/topk.py) and carried through packing as batch features
 
+With an online teacher, `OnPolicy` (GKD) first replaces a fraction of each batch's targets by the
+student's own samples, drawn in the step; the teacher then scores those.
+
 `KD` is the gin-configurable choice of source and divergence terms; `train.train(kd=...)`
 turns it into the Trainer's teacher and `ObjectiveLoss` divergence fields, so that e.g.
 
@@ -25,10 +28,13 @@ from typing import Any
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from distill_sbs import partitioning
 from distill_sbs.data import topk as topk_store
-from distill_sbs.losses import DIVERGENCES
+from distill_sbs.errors import UserError
+from distill_sbs.losses import DIVERGENCES, SAMPLED_FEATURE
+from distill_sbs.network import EOS_ID, PAD_ID
 
 TEACHER_DTYPES = ("float32", "bfloat16")
 
@@ -45,6 +51,9 @@ class KD:
       losses.DIVERGENCES; beta for "jsd", skew for "skew_kl" / "skew_reverse_kl").
     teacher_dtype: "bfloat16" runs the online teacher's parameters and activations in bf16.
     topk: use the k best of the stored log-probabilities (None: all stored).
+    on_policy_fraction: GKD's lambda, the fraction of each batch's examples whose targets are the
+      student's samples (OnPolicy; needs the online teacher and unpacked batches); 0: supervised.
+    sample_temperature: the temperature of those samples (0: greedy).
     """
 
     weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
@@ -56,6 +65,8 @@ class KD:
     scale_by_t2: bool = False
     teacher_dtype: str = "float32"
     topk: int | None = None
+    on_policy_fraction: float = 0.0
+    sample_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in DIVERGENCES:
@@ -64,6 +75,10 @@ class KD:
             raise ValueError(f"KD.skew={self.skew}: {self.kind} needs 0 <= skew < 1")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"KD.teacher_dtype={self.teacher_dtype!r}: one of {TEACHER_DTYPES}")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ValueError(f"KD.on_policy_fraction={self.on_policy_fraction}: not in [0, 1]")
+        if self.sample_temperature < 0.0:
+            raise ValueError(f"KD.sample_temperature={self.sample_temperature}: must be >= 0")
         if not self.weights:
             raise ValueError(
                 'KD.weights is empty; name the distilled objectives, e.g. {"rationale": 0.3}'
@@ -87,13 +102,85 @@ class KD:
         }
 
 
-class OnlineTeacher:
-    """A frozen teacher model run on each (micro)batch: full logits [b, l, vocab], no gradients."""
+@dataclasses.dataclass(frozen=True)
+class OnPolicy:
+    """On-policy distillation (GKD, Agarwal et al. 2024), run by the trainer at the start of each
+    train step on the whole batch: the targets of `fraction` of its rows (round(fraction * B),
+    spread evenly over the batch) become the student's own samples, drawn with `temperature` from
+    the step's parameters (models.generate, jitted with the step; the key comes from the step,
+    so a resumed run draws the same samples) up to the batch's target length. The teacher then
+    scores them like any target; they carry the divergence but no CE (losses.SAMPLED_FEATURE).
+    """
 
-    def __init__(self, model: Any, params: Any, params_shardings: Any) -> None:
+    fraction: float
+    temperature: float = 1.0
+
+    def rows(self, batch_size: int) -> np.ndarray:
+        """int [n]: the rows whose targets are sampled (static: one compiled step)."""
+        n = int(self.fraction * batch_size + 0.5)
+        marks = np.floor(np.arange(batch_size + 1) * n / batch_size)
+        return np.flatnonzero(np.diff(marks) > 0)
+
+    def __call__(
+        self, student: Any, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array
+    ) -> Mapping[str, jax.Array]:
+        """The batch with the sampled rows' targets replaced (unchanged when none are)."""
+        rows = self.rows(batch["decoder_target_tokens"].shape[0])
+        if rows.size == 0:
+            return batch
+        if "decoder_segment_ids" in batch:
+            raise UserError(
+                "KD.on_policy_fraction > 0 samples whole targets per row and needs unpacked "
+                "batches: set train.pack = False"
+            )
+        samples = student.generate(
+            jax.lax.stop_gradient(params),
+            batch["encoder_input_tokens"][rows],
+            max_decode_length=batch["decoder_target_tokens"].shape[1],
+            method="sample",
+            temperature=self.temperature,
+            rng=rng,
+        )
+        return with_sampled_targets(batch, rows, samples)
+
+
+def with_sampled_targets(
+    batch: Mapping[str, jax.Array], rows: np.ndarray, samples: jax.Array
+) -> dict[str, jax.Array]:
+    """`batch` (unpacked) with the targets of `rows` replaced by `samples` int [n, length]: loss
+    weights up to and including the first EOS (the whole row without one), decoder inputs shifted
+    right from PAD_ID, the row's objective, and SAMPLED_FEATURE 1 on those tokens. A row that had
+    no target tokens keeps none."""
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}  # numpy batches too (outside a step)
+    is_eos = samples == EOS_ID
+    keep = (jnp.cumsum(is_eos, axis=1) - is_eos) == 0
+    keep &= jnp.any(batch["decoder_loss_weights"][rows] > 0, axis=1, keepdims=True)
+    targets = jnp.where(keep, samples, PAD_ID).astype(batch["decoder_target_tokens"].dtype)
+    inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)), constant_values=PAD_ID)
+    out = dict(batch)
+    out["decoder_target_tokens"] = batch["decoder_target_tokens"].at[rows].set(targets)
+    out["decoder_input_tokens"] = batch["decoder_input_tokens"].at[rows].set(inputs)
+    weights = batch["decoder_loss_weights"]
+    out["decoder_loss_weights"] = weights.at[rows].set(keep.astype(weights.dtype))
+    if "decoder_objective_ids" in batch:  # an unpacked row holds one example: one objective
+        ids = batch["decoder_objective_ids"]
+        out["decoder_objective_ids"] = ids.at[rows].set(jnp.broadcast_to(ids[rows, :1], keep.shape))
+    sampled = jnp.zeros(weights.shape, jnp.float32)
+    out[SAMPLED_FEATURE] = sampled.at[rows].set(keep.astype(jnp.float32))
+    return out
+
+
+class OnlineTeacher:
+    """A frozen teacher model run on each (micro)batch: full logits [b, l, vocab], no gradients.
+    `on_policy` (trainer.Teacher): GKD's sampling of the student's targets, or None."""
+
+    def __init__(
+        self, model: Any, params: Any, params_shardings: Any, on_policy: OnPolicy | None = None
+    ) -> None:
         self.model = model
         self.params = params
         self.params_shardings = params_shardings
+        self.on_policy = on_policy
 
     def __call__(self, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
         from distill_sbs.network import Packing
@@ -113,6 +200,7 @@ def load_online_teacher(
     partitioner: partitioning.Partitioner,
     *,
     dtype: str = "float32",
+    on_policy: OnPolicy | None = None,
 ) -> OnlineTeacher:
     """The teacher at `path` (native or HF T5), checked against the student's vocabulary and
     placed on the mesh with the same logical-axis rules as the student."""
@@ -127,7 +215,7 @@ def load_online_teacher(
     if dtype == "bfloat16":  # halves the teacher's memory and its matmuls' cost
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
     shardings = partitioner.params_shardings(model.params_logical_axes())
-    return OnlineTeacher(model, jax.device_put(params, shardings), shardings)
+    return OnlineTeacher(model, jax.device_put(params, shardings), shardings, on_policy)
 
 
 class OfflineTopK:
@@ -165,6 +253,11 @@ def build_teacher(
     kd: KD, student_vocab_size: int, partitioner: partitioning.Partitioner
 ) -> OnlineTeacher | OfflineTopK:
     """The teacher source `kd` names, checked against the student's vocabulary size."""
+    if kd.teacher is None and kd.on_policy_fraction > 0:
+        raise UserError(
+            f"KD.on_policy_fraction={kd.on_policy_fraction} needs an online teacher to score the "
+            "student's samples: set KD.teacher (saved top-k covers only the dataset's targets)"
+        )
     if kd.teacher is None:
         path = topk_store.teacher_topk_path()
         if not path:
@@ -181,4 +274,9 @@ def build_teacher(
         if kd.topk is not None and kd.topk > store.k:
             raise ValueError(f"KD.topk={kd.topk} is larger than the {store.k} stored in {path}")
         return OfflineTopK(kd.topk)
-    return load_online_teacher(kd.teacher, student_vocab_size, partitioner, dtype=kd.teacher_dtype)
+    on_policy = None
+    if kd.on_policy_fraction > 0:
+        on_policy = OnPolicy(kd.on_policy_fraction, kd.sample_temperature)
+    return load_online_teacher(
+        kd.teacher, student_vocab_size, partitioner, dtype=kd.teacher_dtype, on_policy=on_policy
+    )

@@ -57,6 +57,7 @@ def weighted_objective_loss(
     token_counts: jax.Array | None = None,
     divergence: jax.Array | None = None,
     divergence_weights: jax.Array | Any = (),
+    sampled: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Returns (scalar loss, metrics) for one batch.
 
@@ -69,11 +70,15 @@ def weighted_objective_loss(
     divergence: float [batch, length] per-token distillation divergence (distillation_divergence),
       added as sum_k gamma_k * (its sum over objective k's tokens) / (number of those tokens),
       over the same tokens and denominators as the CE; divergence_weights: [K] (gamma_k).
+    sampled: float [batch, length], 1 on target tokens the student sampled itself (on-policy
+      distillation, SAMPLED_FEATURE): they carry the divergence but no CE, z-loss or hits, and
+      still count in the denominators (GKD's mixture of supervised and on-policy examples).
 
     metrics (all float32 sums, so they add up across microbatches and steps):
       "ce_sum" [K] cross-entropy summed over objective k's tokens (without z-loss, with smoothing),
       "correct" [K] hits (target logit is the max), "tokens" [K] token counts, "z_loss_sum" scalar,
-      and with a divergence "div_sum" [K] its sum over objective k's tokens.
+      and with a divergence "div_sum" [K] its sum over objective k's tokens; with `sampled`
+      "sampled_tokens" [K] the sampled tokens among "tokens".
     """
     objective_weights = jnp.asarray(objective_weights, jnp.float32)
     k = objective_weights.shape[0]
@@ -96,15 +101,18 @@ def weighted_objective_loss(
     zl = z_loss * jnp.square(log_z)
 
     onehot = _objective_mask(objective_ids, weights, k)  # [b, l, k]
-    ce_sum = jnp.einsum("blk,bl->k", onehot, ce)
-    z_sum = jnp.einsum("blk,bl->k", onehot, zl)
     tokens = jnp.sum(onehot, axis=(0, 1))
+    supervised = onehot
+    if sampled is not None:  # the student's own samples: divergence only
+        supervised = onehot * (1.0 - sampled.astype(jnp.float32))[..., None]
+    ce_sum = jnp.einsum("blk,bl->k", supervised, ce)
+    z_sum = jnp.einsum("blk,bl->k", supervised, zl)
     counts = tokens if token_counts is None else token_counts
     # A hit: the target's logit is the largest (the max is logsumexp's own; an argmax is a
     # variadic reduce that XLA's CPU backend runs unvectorised: 2% of a t5 small step). Unlike
     # argmax, an exact tie with another token counts as a hit.
     hit = target_logit >= jnp.max(logits, axis=-1)
-    correct = jnp.einsum("blk,bl->k", onehot, hit.astype(jnp.float32))
+    correct = jnp.einsum("blk,bl->k", supervised, hit.astype(jnp.float32))
     loss = jnp.sum(objective_weights * objective_means(ce_sum + z_sum, counts))
     metrics = {"ce_sum": ce_sum, "correct": correct, "tokens": tokens, "z_loss_sum": jnp.sum(z_sum)}
     if divergence is not None:
@@ -112,7 +120,14 @@ def weighted_objective_loss(
         div_sum = jnp.einsum("blk,bl->k", onehot, divergence)
         loss = loss + jnp.sum(gammas * objective_means(div_sum, counts))
         metrics["div_sum"] = div_sum
+    if sampled is not None:
+        metrics["sampled_tokens"] = tokens - jnp.sum(supervised, axis=(0, 1))
     return loss, metrics
+
+
+# float [batch, length]: 1 on target tokens the student sampled (distillation.OnPolicy writes it
+# inside the train step; no data pipeline does)
+SAMPLED_FEATURE = "decoder_sampled"
 
 
 def objective_ids(batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -192,6 +207,7 @@ class ObjectiveLoss:
             token_counts=token_counts,
             divergence=divergence,
             divergence_weights=self.divergence_weights,
+            sampled=batch.get(SAMPLED_FEATURE),
         )
 
 
@@ -202,11 +218,14 @@ def summarize_metrics(
     out: dict[str, float] = {}
     for i, name in enumerate(objective_names):
         n = float(sums["tokens"][i])
-        if n > 0:
-            out[f"{name}/loss"] = float(sums["ce_sum"][i]) / n
-            out[f"{name}/accuracy"] = float(sums["correct"][i]) / n
-            if "div_sum" in sums:  # the distillation divergence's token mean
-                out[f"{name}/divergence"] = float(sums["div_sum"][i]) / n
+        sampled = float(sums["sampled_tokens"][i]) if "sampled_tokens" in sums else 0.0
+        if n - sampled > 0:  # CE and hits over the targets that were not the student's samples
+            out[f"{name}/loss"] = float(sums["ce_sum"][i]) / (n - sampled)
+            out[f"{name}/accuracy"] = float(sums["correct"][i]) / (n - sampled)
+        if n > 0 and "div_sum" in sums:  # the distillation divergence's token mean
+            out[f"{name}/divergence"] = float(sums["div_sum"][i]) / n
+        if "sampled_tokens" in sums:
+            out[f"{name}/sampled_tokens"] = sampled
         out[f"{name}/tokens"] = n
     return out
 

@@ -27,6 +27,8 @@ from distill_sbs.losses import ObjectiveLoss
 from distill_sbs.partitioning import Partitioner
 
 Batch = Mapping[str, jax.Array]
+# folded into the step's key for on-policy sampling (microbatches fold 0..m-1 for dropout)
+SAMPLING_STREAM = 0x5A3D1E
 Params = Any  # a pytree of float32 arrays
 Metrics = dict[str, jax.Array]
 
@@ -62,6 +64,8 @@ class Teacher(Protocol):
 
     params: Any
     params_shardings: Any
+    # Optional (getattr): on_policy(student, student_params, batch, rng) -> batch, run on the
+    # whole batch before the loss (GKD: targets sampled from the student, distillation.OnPolicy).
 
     def __call__(self, params: Any, batch: Batch) -> Any:
         """Teacher logits [b, l, vocab] or top-k (ids, log-probs) [b, l, k] (no gradients)."""
@@ -202,6 +206,10 @@ class Trainer:
         self, state: TrainState, batch: Batch, teacher_params: Any = None
     ) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(jax.random.PRNGKey(self.dropout_seed), state.step)
+        on_policy = getattr(self.teacher, "on_policy", None)
+        if on_policy is not None:  # before the counts: sampled targets have their own lengths
+            sample_rng = jax.random.fold_in(rng, SAMPLING_STREAM)
+            batch = on_policy(self.model, state.params, batch, sample_rng)
         # Full-batch denominators, so microbatch losses (and grads) add up to the batch's exactly.
         counts = self.loss.token_counts(batch)
         if self.num_microbatches == 1:
