@@ -201,3 +201,53 @@ def test_shortened_pretraining_loss_falls_and_recall_rises(tmp_path, _gin):
 
 def _subject(doc: str) -> str:
     return Counter(w for w in re.findall(r"\w+", doc) if w in E).most_common(1)[0][0]
+
+
+def test_breakdown_per_kind_and_group(tmp_path):
+    """A gold student scores 100 in every cell and names every animal it is asked about; a
+    student that answers wrong and names none scores 0 and 0; a foreign id or a row without a
+    prediction is one error naming it."""
+    test = world.generate("test")
+    gold = [
+        {"id": r.id, "prediction": r.label, "rationale": r.fields["gold_rationale"]} for r in test
+    ]
+    rows = world.breakdown(gold)
+    assert sum(r["n"] for r in rows) == len(test)
+    assert {(r["kind"], r["group"]) for r in rows} >= {("count", "seen"), ("count", "unseen")}
+    assert all(r["accuracy"] == 100.0 for r in rows), rows
+    # a two-hop gold rationale names the prey as well; every asked animal is named
+    assert all(r["names_in_rationale"] == 100.0 for r in rows), rows
+    wrong = [{"id": r.id, "prediction": "nothing", "rationale": "no names here"} for r in test]
+    assert all(
+        r["accuracy"] == 0.0 and r["names_in_rationale"] == 0.0 for r in world.breakdown(wrong)
+    )
+    no_rationale = world.breakdown([{"id": test[0].id, "prediction": test[0].label}])
+    assert no_rationale[0]["names_in_rationale"] is None and no_rationale[0]["accuracy"] == 100.0
+    with pytest.raises(world.UserError, match="'nope' is not a world test problem"):
+        world.breakdown([{"id": "nope", "prediction": "1"}])
+    path = tmp_path / "preds.jsonl"
+    path.write_text(json.dumps({"id": test[0].id}) + "\n")
+    with pytest.raises(world.RecordError, match=rf"{path}:1: needs a string 'prediction'"):
+        world.read_predictions(str(path))
+
+
+def test_compare_config_trains_the_world_students():
+    """world/compare.gin (the command docs/world.md's table comes from) parses and compares the
+    DSS and fine-tuning students of the world's registered tasks with the world's vocabulary."""
+    import distill_sbs.tasks  # noqa: F401 - registers world_*
+    import seqio
+
+    from distill_sbs import cli
+    from distill_sbs.network import T5Config
+
+    gin.clear_config()
+    try:
+        cli.parse_gin(["world/compare.gin"], [])
+        runs = gin.query_parameter("compare.runs")
+        assert runs == {"dss": "world_dss", "finetune": "world_finetune"}
+        for task in runs.values():
+            vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
+            assert vocab.vocab_size <= T5Config().vocab_size
+        assert gin.query_parameter("compare.baseline_dataset") == "world"
+    finally:
+        gin.clear_config()

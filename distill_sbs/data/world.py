@@ -14,13 +14,15 @@ import dataclasses
 import functools
 import os
 import random
+import re
 
 import seqio
 from absl import flags
 
 from distill_sbs import program, storage
 from distill_sbs.data import preprocessors
-from distill_sbs.data.records import Record, TeacherSample
+from distill_sbs.data.records import Record, RecordError, TeacherSample, iter_json_lines
+from distill_sbs.errors import UserError
 
 NUM_ENTITIES = 240
 NUM_SEEN = 40  # entities that appear in labelled train problems; the others only in the corpus
@@ -424,10 +426,65 @@ def vocabulary() -> seqio.SentencePieceVocabulary:
     return seqio.SentencePieceVocabulary(VOCAB_FILE, extra_ids=EXTRA_IDS)
 
 
+def _names_in(text: str) -> set[str]:
+    known = by_name()
+    return {w for w in re.findall(r"[a-z]+", text) if w in known}
+
+
+def breakdown(predictions: list[dict], split: str = "test") -> list[dict]:
+    """Accuracy of a student's predictions (infer's JSONL rows: "id", "prediction", optionally
+    "rationale") per question kind and entity group, with the share of the question's animals
+    that the rationale names (does the student copy names it never saw in labelled train?).
+    Rows are sorted by kind, then group; a prediction whose id is not in `split` is an error."""
+    records = {r.id: r for r in generate(split)}
+    cells: dict[tuple[str, str], list[tuple[bool, float | None]]] = {}
+    for row in predictions:
+        record = records.get(row["id"])
+        if record is None:
+            raise UserError(f"prediction id {row['id']!r} is not a world {split} problem")
+        right = row["prediction"].strip() == record.label
+        named = None
+        if "rationale" in row:
+            asked = _names_in(record.input)
+            named = len(asked & _names_in(row["rationale"])) / len(asked)
+        key = (record.fields["kind"], record.fields["group"])
+        cells.setdefault(key, []).append((right, named))
+    out = []
+    for (kind, group), hits in sorted(cells.items()):
+        named = [n for _, n in hits if n is not None]
+        out.append(
+            {
+                "kind": kind,
+                "group": group,
+                "n": len(hits),
+                "accuracy": 100.0 * sum(r for r, _ in hits) / len(hits),
+                "names_in_rationale": 100.0 * sum(named) / len(named) if named else None,
+            }
+        )
+    return out
+
+
+def read_predictions(path: str) -> list[dict]:
+    """infer's JSONL rows; a line without "id" or "prediction" raises naming file:line."""
+    rows = []
+    for obj, where in iter_json_lines(path, "a prediction"):
+        for field in ("id", "prediction"):
+            if not isinstance(obj.get(field), str):
+                raise RecordError(f"{where}: needs a string {field!r} (infer's output)")
+        rows.append(obj)
+    return rows
+
+
 def define_flags() -> None:
     """The program's flags (defined by program.run, never at import)."""
     flags.DEFINE_bool("build_vocab", False, f"Rebuild {VOCAB_FILE}.")
     flags.DEFINE_string("write_corpus", None, "Write the corpus here, one document per line.")
+    flags.DEFINE_string(
+        "breakdown",
+        None,
+        "Print a student's accuracy per question kind and entity group from infer's JSONL "
+        "predictions on world's test split (RATIONALE=True adds the share of names copied).",
+    )
 
 
 def main() -> None:
@@ -437,6 +494,12 @@ def main() -> None:
     if flags.FLAGS.write_corpus:
         storage.write_text(flags.FLAGS.write_corpus, "\n".join(corpus()) + "\n")
         print(f"wrote {flags.FLAGS.write_corpus}: {len(corpus())} documents")
+    if flags.FLAGS.breakdown:
+        rows = breakdown(read_predictions(flags.FLAGS.breakdown))
+        print(f"{'kind':<8} {'group':<7} {'n':>5} {'accuracy':>9} {'names in rationale':>19}")
+        for r in rows:
+            named = "-" if r["names_in_rationale"] is None else f"{r['names_in_rationale']:.1f}"
+            print(f"{r['kind']:<8} {r['group']:<7} {r['n']:>5} {r['accuracy']:>9.1f} {named:>19}")
 
 
 if __name__ == "__main__":
