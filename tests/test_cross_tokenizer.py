@@ -110,7 +110,8 @@ def _span_reference(entry, ids, logits, k, kind, beta) -> np.ndarray:
 @pytest.mark.parametrize("k", [3, 6])
 def test_span_divergence_matches_numpy_reference(kind, k):
     entries, ids, feats, targets, logits = _batch(k)
-    got = np.asarray(xt.span_divergence(logits, targets, feats, kind=kind, beta=0.3))
+    span = jax.jit(functools.partial(xt.span_divergence, kind=kind, beta=0.3))
+    got = np.asarray(span(logits, targets, feats))
     for r, entry in enumerate(entries):
         want = _span_reference(entry, ids[r], logits[r], k, kind, 0.3)
         np.testing.assert_allclose(got[r], want, atol=1e-5)
@@ -140,29 +141,21 @@ def test_uld_matches_numpy_reference():
     assert np.all(got[1, len(CASES[1][2]) :] == 0)  # beyond the shorter side: no term
 
 
-@pytest.mark.parametrize("k", [4, 128])
-@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
-def test_span_divergence_with_the_students_own_tokenizer_is_the_top_k_divergence(k, kind):
-    """With the teacher's tokenizer the student's own, every span is one token on both sides and
-    at each target token the span-aligned value equals losses.distillation_divergence(student
-    logits, (top-k ids, top-k log-probs)): the same-vocabulary KD term of a top-k file holding
-    the same top-k, where that top-k holds the target token; where it does not, the target is
-    one more class, so it equals distillation_divergence on the top-k plus (target id, the
-    teacher's log-prob of it)."""
+@pytest.fixture(scope="module")
+def own_teacher():
+    """A tiny T5 teacher over the student's own arith vocabulary, scored on three target texts:
+    (tokenizer, texts, targets [3, 24], teacher log-probs [3, 24, 256], student logits)."""
     import sentencepiece as spm
     from _tiny_t5 import tiny_config
 
     from distill_sbs.data.vocab import ARITH_SPM
-    from distill_sbs.generation import token_text
-    from distill_sbs.losses import distillation_divergence
     from distill_sbs.models import EncoderDecoderModel
 
     tok = spm.SentencePieceProcessor(model_file=ARITH_SPM)
     model = EncoderDecoderModel(tiny_config())
     params = model.init_params(jax.random.PRNGKey(0))
     texts = ["2", "The robin is a bird. So 12.", "The robin is a bird. So 1 of them is a bird."]
-    length = 24
-    targets = np.zeros((len(texts), length), np.int32)
+    targets = np.zeros((len(texts), 24), np.int32)
     for r, text in enumerate(texts):
         ids = [*tok.encode(text), 1]
         assert tok.unk_id() not in ids  # the pieces spell the text
@@ -171,6 +164,25 @@ def test_span_divergence_with_the_students_own_tokenizer_is_the_top_k_divergence
     dec_in = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
     teacher = np.asarray(jax.nn.log_softmax(jax.jit(model.logits)(params, enc, dec_in), axis=-1))
     student = np.random.default_rng(0).normal(size=teacher.shape).astype(np.float32) * 3
+    return tok, texts, targets, teacher, student
+
+
+@pytest.mark.parametrize("k", [4, 128])
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_span_divergence_with_the_students_own_tokenizer_is_the_top_k_divergence(
+    own_teacher, k, kind
+):
+    """With the teacher's tokenizer the student's own, every span is one token on both sides and
+    at each target token the span-aligned value equals losses.distillation_divergence(student
+    logits, (top-k ids, top-k log-probs)): the same-vocabulary KD term of a top-k file holding
+    the same top-k, where that top-k holds the target token; where it does not, the target is
+    one more class, so it equals distillation_divergence on the top-k plus (target id, the
+    teacher's log-prob of it)."""
+    from distill_sbs.generation import token_text
+    from distill_sbs.losses import distillation_divergence
+
+    tok, texts, targets, teacher, student = own_teacher
+    length = targets.shape[1]
     top_ids = np.argsort(-teacher, axis=-1, kind="stable")[..., :k]
     top_lps = np.take_along_axis(teacher, top_ids, axis=-1)
     lookup = xt.sentencepiece_lookup(tok)
