@@ -8,13 +8,16 @@ training tokenizes it, and data/topk.py's file is written (`python -m distill_sb
     write_topk_from_server  from an OpenAI-compatible encoder-decoder server (`python -m
                             distill_sbs.serve` over the teacher) that scores given text: `echo`,
                             `max_tokens: 0`, `logprobs: k`, the targets as `decoder_prompt`
+    write_pieces_from_server  a teacher with another tokenizer: its top-k in its own pieces,
+                            into cross_tokenizer's pieces file (our server, or a decoder-only
+                            one such as vLLM scoring input + " " + target)
     TeacherForcedTopK       the scoring itself, shared by write_topk and the server's scoring
                             requests (serve/engine.py): both give the same numbers
 
 A server answers token strings: each is mapped back to the student's vocabulary id (SentencePiece
 piece, a space for "\u2581"; `token_id:N` for an id no piece has), and the scored tokens must be
 the student's tokenization of the target (EOS included), else ServerTopKError names the example
-(the server's tokenizer is another one). Only encoder-decoder servers are supported: a
+(the server's tokenizer is another one). For that file only encoder-decoder servers serve: a
 decoder-only server scores prompt + target as one text, whose tokens at the boundary need not be
 the target's own tokens, and no decoder-only LLM shares the student's T5 vocabulary.
 """
@@ -283,6 +286,9 @@ def write_topk_from_server(
     return _save(output, entries, tokens.vocab_size)
 
 
+PROMPT_SEPARATOR = " "  # decoder-only: between input and target; the target's first piece has it
+
+
 class PiecesBackend(ScoringBackend):
     """ScoringBackend for a teacher with another tokenizer: the answer is kept in the teacher's
     pieces. An encoder-decoder server (ours) scores the target as `decoder_prompt`; a decoder-only
@@ -309,9 +315,6 @@ class PiecesBackend(ScoringBackend):
         if len(choices) != len(req.prompts):
             raise TypeError("one choice per prompt expected")
         return Scores("", 0, 0, logprobs=tuple(c.get("logprobs") for c in choices))
-
-
-PROMPT_SEPARATOR = " "  # decoder-only: between input and target; the target's first piece has it
 
 
 def _pieces_entry(
