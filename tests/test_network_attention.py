@@ -8,6 +8,8 @@ benchmarks/device_check.py --attention cudnn.)"""
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 
 import gin
 import jax
@@ -20,8 +22,16 @@ from distill_sbs.losses import ObjectiveLoss
 from distill_sbs.models import EncoderDecoderModel
 from distill_sbs.network import Packing, T5Config, attention_impl_of
 
-LAYERS = 2
+LAYERS = 1
 CONFIG = tiny_config(vocab_size=64, num_encoder_layers=LAYERS, num_decoder_layers=LAYERS)
+
+
+@functools.cache
+def _params():
+    """The tiny model's float32 parameters, shared by every test here (their shapes do not
+    depend on the activation dtype or dropout); one jitted init rather than eager op by op."""
+    model = EncoderDecoderModel(CONFIG)
+    return jax.jit(model.init_params)(jax.random.PRNGKey(0))
 
 
 def _with_impl(impl: str, fn):
@@ -93,7 +103,7 @@ def _fused_calls(monkeypatch) -> collections.Counter:
 
 def _logits_loss_grads(impl: str, config: T5Config, batch: dict[str, np.ndarray]):
     model = EncoderDecoderModel(config)
-    params = model.init_params(jax.random.PRNGKey(0))
+    params = _params()
     loss = ObjectiveLoss((0.5, 0.5))
 
     def f(p):
@@ -130,9 +140,7 @@ def test_xla_path_equals_einsum_float32(packed, monkeypatch):
 
 
 def test_xla_path_equals_einsum_bfloat16():
-    config = tiny_config(
-        vocab_size=64, num_encoder_layers=LAYERS, num_decoder_layers=LAYERS, dtype="bfloat16"
-    )
+    config = dataclasses.replace(CONFIG, dtype="bfloat16")
     batch = _batch(packed=True)
     logits0, loss0, grads0 = _logits_loss_grads("einsum", config, batch)
     logits1, loss1, grads1 = _logits_loss_grads("xla", config, batch)
@@ -149,7 +157,7 @@ def test_greedy_decoding_unchanged(monkeypatch):
 
     def decode(impl: str):
         model = EncoderDecoderModel(CONFIG)  # its own compiled generate per implementation
-        params = model.init_params(jax.random.PRNGKey(0))
+        params = _params()
         return _with_impl(
             impl, lambda: model.generate(params, enc, max_decode_length=6, logprobs_top_k=2)
         )
@@ -171,17 +179,15 @@ def _first_error(impl: str, fn) -> str:
 
 
 def test_cudnn_off_gpu_float32_and_unknown_are_one_line_errors(monkeypatch):
-    bf16 = tiny_config(dtype="bfloat16")
+    bf16 = dataclasses.replace(CONFIG, dtype="bfloat16")
     assert "needs an NVIDIA GPU" in _first_error("cudnn", lambda: attention_impl_of(bf16))
     assert "unknown 'flash'" in _first_error("flash", lambda: attention_impl_of(bf16))
     # on a GPU backend: float32 activations are refused before cuDNN is asked
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert "T5Config.dtype = 'bfloat16'" in _first_error(
-        "cudnn", lambda: attention_impl_of(tiny_config())
-    )
+    assert "T5Config.dtype = 'bfloat16'" in _first_error("cudnn", lambda: attention_impl_of(CONFIG))
     # and cuDNN's own refusal (here: none installed) is one line naming the setting
     model = EncoderDecoderModel(bf16)
-    params = model.init_params(jax.random.PRNGKey(0))
+    params = _params()
     batch = _batch(packed=False)
     message = _first_error(
         "cudnn",
@@ -191,8 +197,8 @@ def test_cudnn_off_gpu_float32_and_unknown_are_one_line_errors(monkeypatch):
 
 
 def test_attention_dropout_on_fused_path_is_an_error():
-    model = EncoderDecoderModel(tiny_config(dropout_rate=0.1))
-    params = model.init_params(jax.random.PRNGKey(0))
+    model = EncoderDecoderModel(dataclasses.replace(CONFIG, dropout_rate=0.1))
+    params = _params()
     batch = _batch(packed=False)
     message = _first_error(
         "xla",
