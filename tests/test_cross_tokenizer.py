@@ -5,6 +5,7 @@ span-aligned divergence with the student's own tokenizer against losses.distilla
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -215,3 +216,19 @@ def test_span_divergence_with_the_students_own_tokenizer_is_the_top_k_divergence
     np.testing.assert_allclose(got[mask], want[mask], atol=1e-5)
     assert (~in_top[mask]).any() and (in_top[mask].any() or k < 128)  # both cases occur
     assert np.all(got[~mask] == 0)
+
+
+def test_pieces_file_round_trip_and_bad_lines(tmp_path):
+    entry = _entry(np.random.default_rng(2), *CASES[0][:2], k=3)
+    path = str(tmp_path / "p.jsonl")
+    xt.save(path, [entry])
+    assert xt.load(path) == {("x", "o"): entry}
+    good = entry.to_json()
+    for bad, needle in [
+        ({k: v for k, v in good.items() if k != "top"}, r"p.jsonl:1: not a pieces entry .*'top'"),
+        ({**good, "logprobs": good["logprobs"][:-1]}, r"p.jsonl:1: tokens, spans, .* differ"),
+        ({**good, "spans": [[0, 2], [3, 4], *good["spans"][2:]]}, r"span \[3, 4\] does not "),
+    ]:
+        (tmp_path / "p.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(xt.CrossTokenizerError, match=needle):
+            xt.load(path)
