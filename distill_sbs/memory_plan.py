@@ -10,7 +10,9 @@ It takes the same gin files and bindings as `distill_sbs.train` (the model, BATC
 TASK_FEATURE_LENGTHS, NUM_MICROBATCHES, PACK, OPTIMIZER, the mesh macros). `--devices=N` plans on N
 simulated CPU devices (any mesh on any machine); without it the plan uses the devices jax sees.
 `--capacity_gib` (repeatable) says whether the step fits. `--json_out` writes the figures. Nothing
-is allocated and MODEL_DIR is not touched.
+is allocated and MODEL_DIR is not touched. The network's memory settings are gin bindings like
+the rest: `--gin.remat_policy.policy="'full'"`, `--gin.attention_impl.impl="'cudnn'"` (GPU; on
+XLA's CPU compiler `xla` plans the same bytes as the default einsum: docs/benchmarks.md).
 
 - parameters and optimizer state: each leaf's shard shape (from the Trainer's shardings on the
   mesh) times its item size, summed per device; exact for any backend.
