@@ -332,6 +332,30 @@ class ScoresBias:
         return masked if self.bias is None else self.bias + masked
 
 
+def _fused_attention(
+    impl: str, q: jax.Array, key: jax.Array, value: jax.Array, scores_bias: ScoresBias
+) -> jax.Array:
+    """jax.nn.dot_product_attention on [b, length, h, d] inputs; cuDNN's refusals (shapes,
+    versions, no cuDNN) as a one-line UserError."""
+    bias = scores_bias.bias
+    if bias is not None and impl == "cudnn":
+        bias = bias.astype(q.dtype)  # cuDNN adds a bias of the inputs' dtype
+    try:
+        return jax.nn.dot_product_attention(
+            q,
+            key,
+            value,
+            bias=bias,
+            mask=scores_bias.mask,
+            scale=1.0,  # T5 folds 1/sqrt(d) into the query's initialisation
+            is_causal=scores_bias.causal,
+            implementation=impl,
+        )
+    except (NotImplementedError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"attention_impl.impl = {impl!r}: {first}") from e
+
+
 class Attention(nn.Module):
     """Multi-head attention without 1/sqrt(d) scaling (folded into the query init, as in T5).
 
@@ -413,23 +437,7 @@ class Attention(nn.Module):
                     f"attention_impl.impl = {impl!r} has no dropout on the attention weights: "
                     f"train it with T5Config.dropout_rate = 0, or use 'einsum'"
                 )
-            bias = scores_bias.bias
-            if bias is not None and impl == "cudnn":
-                bias = bias.astype(dtype)  # cuDNN adds a bias of the inputs' dtype
-            try:
-                out = jax.nn.dot_product_attention(
-                    q,
-                    key,
-                    value,
-                    bias=bias,
-                    mask=scores_bias.mask,
-                    scale=1.0,  # T5 folds 1/sqrt(d) into the query's initialisation
-                    is_causal=scores_bias.causal,
-                    implementation=impl,
-                )
-            except (NotImplementedError, RuntimeError) as e:  # cuDNN: shapes, versions, no cuDNN
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise UserError(f"attention_impl.impl = {impl!r}: {first}") from e
+            out = _fused_attention(impl, q, key, value, scores_bias)
         wo = Kernel((h, d, e), ("heads", "kv", "embed"), (h * d) ** -0.5, name="out")()
         y = jnp.einsum("bqhd,hde->bqe", out, wo.astype(dtype))
         return _constrain(y, ("batch", "length", "embed"))
