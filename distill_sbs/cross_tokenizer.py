@@ -183,8 +183,8 @@ def features(
             break
         if t1 - t0 == 1 and s1 - s0 == 1:
             f["xt_kind"][s0] = TOKEN
-            kept = [(i, lp) for i, lp in ((lookup(p), lp) for p, lp in entry.top[t0][:k])]
-            kept = [(i, lp) for i, lp in kept if i is not None]  # the rest: in the bucket
+            mapped = ((lookup(piece), lp) for piece, lp in entry.top[t0][:k])
+            kept = [(i, lp) for i, lp in mapped if i is not None]  # the rest: in the bucket
             if student_ids[s0] not in [i for i, _ in kept]:  # the target token, always a class
                 kept.append((student_ids[s0], entry.logprobs[t0]))
             for slot, (i, lp) in enumerate(kept):
