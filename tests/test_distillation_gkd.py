@@ -138,6 +138,7 @@ def _numpy_loss(student_logits, teacher_logits, batch, sampled, beta=0.4):
     return loss
 
 
+@pytest.mark.slow  # compiles a train step and the sampler
 @pytest.mark.parametrize("fraction", [1.0])
 def test_on_policy_targets_are_the_students_samples_and_the_loss_matches_numpy(fraction):
     _, batch = tiny_model_and_batch()
@@ -262,6 +263,7 @@ def _mesh_maxdiff() -> float:
     return worst
 
 
+@pytest.mark.slow  # a subprocess compiling two train steps
 def test_sharded_on_policy_step_equals_one_device(subprocess_env):
     env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     out = subprocess.run(
