@@ -1,9 +1,9 @@
 """Attention through jax.nn.dot_product_attention (network.attention_impl, gin) against the einsum
 path it replaces: logits, loss and gradients of the tiny T5 equal within float32 tolerance,
-unpacked and packed, with every encoder, decoder and cross-attention really going through the
-fused call; greedy decoding unchanged; bfloat16 within bfloat16 tolerance; cuDNN where it cannot
-run, attention dropout and unknown names are one-line errors. (cuDNN itself needs a GPU:
-benchmarks/device_check.py --attention cudnn.)"""
+unpacked and packed (and under remat 'full'), with every encoder, decoder and cross-attention
+really going through the fused call; greedy decoding unchanged; bfloat16 within bfloat16
+tolerance; cuDNN where it cannot run, attention dropout and unknown names are one-line errors.
+(cuDNN itself needs a GPU: benchmarks/device_check.py --attention cudnn --dropout 0.)"""
 
 from __future__ import annotations
 
@@ -34,9 +34,10 @@ def _params():
     return jax.jit(model.init_params)(jax.random.PRNGKey(0))
 
 
-def _with_impl(impl: str, fn):
+def _with_impl(impl: str, fn, remat: str = "none"):
     with gin.unlock_config():
         gin.bind_parameter("distill_sbs.network.attention_impl.impl", impl)
+        gin.bind_parameter("distill_sbs.network.remat_policy.policy", remat)
     try:
         return fn()
     finally:
@@ -101,7 +102,9 @@ def _fused_calls(monkeypatch) -> collections.Counter:
     return calls
 
 
-def _logits_loss_grads(impl: str, config: T5Config, batch: dict[str, np.ndarray]):
+def _logits_loss_grads(
+    impl: str, config: T5Config, batch: dict[str, np.ndarray], remat: str = "none"
+):
     model = EncoderDecoderModel(config)
     params = _params()
     loss = ObjectiveLoss((0.5, 0.5))
@@ -116,17 +119,26 @@ def _logits_loss_grads(impl: str, config: T5Config, batch: dict[str, np.ndarray]
         return loss(logits, batch, None, None)[0], logits
 
     (value, logits), grads = _with_impl(
-        impl, lambda: jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+        impl, lambda: jax.jit(jax.value_and_grad(f, has_aux=True))(params), remat
     )
     return logits, value, grads
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
-def test_xla_path_equals_einsum_float32(packed, monkeypatch):
-    batch = _batch(packed)
-    logits0, loss0, grads0 = _logits_loss_grads("einsum", CONFIG, batch)
+@functools.cache
+def _einsum_float32(packed: bool):
+    """The oracle: today's einsum step on the float32 tiny model (shared by two tests)."""
+    return _logits_loss_grads("einsum", CONFIG, _batch(packed))
+
+
+@pytest.mark.parametrize(
+    "packed, remat",
+    [(False, "none"), (True, "none"), (True, "full")],
+    ids=["unpacked", "packed", "packed-remat-full"],
+)
+def test_xla_path_equals_einsum_float32(packed, remat, monkeypatch):
+    logits0, loss0, grads0 = _einsum_float32(packed)
     calls = _fused_calls(monkeypatch)
-    logits1, loss1, grads1 = _logits_loss_grads("xla", CONFIG, batch)
+    logits1, loss1, grads1 = _logits_loss_grads("xla", CONFIG, _batch(packed), remat)
     assert calls == {"encoder": LAYERS, "self": LAYERS, "cross": LAYERS}
     np.testing.assert_allclose(logits1, logits0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
