@@ -39,10 +39,12 @@ import numpy as np
 
 from distill_sbs import storage
 from distill_sbs.errors import UserError
-from distill_sbs.losses import DIVERGENCES
 
 _REST_MIN = 1e-6  # least rest mass of a teacher (its stored log-probs are rounded)
 _Q_MAX_LOG = -1e-7  # a student span probability is read as at most exp(-1e-7): log(1 - Q) finite
+
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")  # the span loss's divergences (losses.py's meanings)
 
 
 class CrossTokenizerError(UserError):
@@ -245,8 +247,10 @@ def span_divergence(
 ) -> jax.Array:
     """float32 [b, l]: the span-aligned divergence D(teacher || student) of `features`, at each
     span's first student token (0 elsewhere). student_logits [b, l, V]; targets [b, l]."""
-    if kind not in DIVERGENCES:
-        raise ValueError(f"divergence kind {kind!r}: expected one of {DIVERGENCES}")
+    if kind not in KINDS:
+        raise ValueError(f"span-aligned divergence kind {kind!r}: expected one of {KINDS}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
     log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     ids, valid = feats["xt_ids"], feats["xt_valid"]
     kind_ = feats["xt_kind"]

@@ -121,6 +121,8 @@ def test_span_divergence_matches_numpy_reference(kind, k):
     # Some top-k pieces are not student pieces (left in the bucket) and some are.
     assert 0 < feats["xt_valid"].sum() < feats["xt_valid"].size
     grad = jax.grad(lambda z: jnp.sum(xt.span_divergence(z, targets, feats, kind=kind)))(logits)
+    with pytest.raises(ValueError, match="'skew_kl': expected one of"):
+        xt.span_divergence(logits, targets, feats, kind="skew_kl")  # not silently another one
     assert np.all(np.isfinite(grad)) and np.any(grad != 0)
 
 
