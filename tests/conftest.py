@@ -41,10 +41,22 @@ def t5_vocab() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def subprocess_env() -> dict[str, str]:
-    """os.environ plus PYTHONPATH (the repository, then tests/) and CPU-only JAX."""
+def subprocess_env(tmp_path_factory) -> dict[str, str]:
+    """os.environ plus PYTHONPATH (the repository, then tests/), CPU-only JAX and one persistent
+    XLA compilation cache for the session's subprocesses.
+
+    The cache: many subprocesses compile the same programs (a run, its kill and resume, the fault
+    cases on one tiny config), and compiling is about half of such a process's CPU time; a cached
+    executable is the one the first process compiled, so results are unchanged. This process
+    itself keeps JAX's default (no persistent cache)."""
     paths = [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), JAX_PLATFORMS="cpu")
+    return dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in paths if p),
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
 
 
 @pytest.fixture

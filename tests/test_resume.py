@@ -11,39 +11,17 @@ import sys
 import time
 
 import pytest
+from _tiny_t5 import TRAIN_FLAGS
+
+from distill_sbs.checkpoints import step_dirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = [
-    "--gin_file=runs/train.gin",
-    "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
-    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 80}",
-    "--gin.BATCH_SIZE=8",
-    "--gin.TRAIN_STEPS=40",
-    "--gin.CHECKPOINT_PERIOD=4",
-    "--gin.LOG_PERIOD=1",
-    "--gin.DROPOUT_RATE=0.1",
-    "--gin.OPTIMIZER='adamw'",
-    "--gin.train.eval_at_end=False",
-    "--gin.EVAL_PERIOD=0",
-    "--gin.T5Config.vocab_size=256",
-    "--gin.T5Config.emb_dim=32",
-    "--gin.T5Config.num_heads=2",
-    "--gin.T5Config.head_dim=16",
-    "--gin.T5Config.mlp_dim=64",
-    "--gin.T5Config.num_encoder_layers=1",
-    "--gin.T5Config.num_decoder_layers=1",
-]
+TINY = [*TRAIN_FLAGS, "--gin.TRAIN_STEPS=40"]
 
 
 def _cmd(model_dir: str) -> list[str]:
     return [sys.executable, "-m", "distill_sbs.train", *TINY, f"--gin.MODEL_DIR='{model_dir}'"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _losses(model_dir: str) -> dict[int, float]:
@@ -64,30 +42,44 @@ def _last_logged_step(model_dir: str) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
-@pytest.mark.slow  # three training processes: ~70 s of CPU
-def test_sigkill_and_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.slow  # three training processes, two at a time
+def test_sigkill_and_resume_matches_uninterrupted(tmp_path, subprocess_env):
+    env = dict(subprocess_env, TF_CPP_MIN_LOG_LEVEL="3")  # one compilation cache for the three
     full_dir, killed_dir = str(tmp_path / "full"), str(tmp_path / "killed")
-    full = subprocess.run(_cmd(full_dir), env=_env(), cwd=ROOT, capture_output=True, text=True)
-    assert full.returncode == 0, full.stderr[-3000:]
-
+    # The uninterrupted run (the reference) trains while the other is started, killed and resumed.
+    # stderr to a file: a pipe nobody reads until the end could fill and block the run.
+    full_log = tmp_path / "full.log"
+    with full_log.open("w") as log:
+        full = subprocess.Popen(
+            _cmd(full_dir), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log
+        )
     proc = subprocess.Popen(
-        _cmd(killed_dir), env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _cmd(killed_dir), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.time() + 300
-    while _last_logged_step(killed_dir) < 14 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _last_logged_step(killed_dir)
-    assert killed_at < 40
-
-    from distill_sbs.checkpoints import step_dirs
-
-    saved = max(step_dirs(killed_dir))
-    assert 4 <= saved <= killed_at and saved % 4 == 0
-
-    resumed = subprocess.run(_cmd(killed_dir), env=_env(), cwd=ROOT, capture_output=True, text=True)
+    try:
+        # killed after step 14 and once a save has committed (async saves lag on a loaded machine)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if _last_logged_step(killed_dir) >= 14 and step_dirs(killed_dir):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed_at = _last_logged_step(killed_dir)
+        assert killed_at < 40
+        saved = max(step_dirs(killed_dir))
+        assert 4 <= saved <= killed_at and saved % 4 == 0
+        # resumed while the reference finishes
+        resumed = subprocess.run(
+            _cmd(killed_dir), env=env, cwd=ROOT, capture_output=True, text=True
+        )
+        assert full.wait(timeout=600) == 0, full_log.read_text()[-3000:]
+    finally:  # a failed check leaves no training process behind
+        for p in (full, proc):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {killed_dir}/checkpoint_{saved}" in resumed.stdout
 
