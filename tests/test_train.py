@@ -18,11 +18,15 @@ import distill_sbs.optimizers  # noqa: F401  (registers create_optimizer)
 TINY = tiny_config(emb_dim=32, head_dim=16, mlp_dim=64, dropout_rate=0.1)
 
 
-@pytest.fixture(autouse=True)
-def _adamw():
+def _bind_adamw() -> None:
     gin.clear_config()
     gin.bind_parameter("create_optimizer.name", "adamw")
     gin.bind_parameter("create_optimizer.learning_rate", 1e-2)
+
+
+@pytest.fixture(autouse=True)
+def _adamw():
+    _bind_adamw()
     yield
     gin.clear_config()
 
@@ -57,11 +61,22 @@ def _losses(model_dir):
     return out
 
 
-def test_loss_falls_and_run_writes_model_dir(tmp_path):
-    model_dir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[str, dict]:
+    """One uninterrupted 16-step run with an eval at its end: (MODEL_DIR, final metrics). Also the
+    reference of the stopped-and-resumed run (the eval after the last step leaves the training
+    losses as they are)."""
+    _bind_adamw()
+    model_dir = str(tmp_path_factory.mktemp("train") / "run")
     final = _train(
         model_dir, eval_at_end=True, eval_num_examples=8, max_decode_length=4, eval_loss_batches=2
     )
+    gin.clear_config()
+    return model_dir, final
+
+
+def test_loss_falls_and_run_writes_model_dir(finished):
+    model_dir, final = finished
     assert 0.0 <= final["arith_dss_label/numeric_accuracy"] <= 100.0
     assert final["eval_loss/label/tokens"] > 0 and final["eval_loss/rationale/loss"] > 0
     ref = _losses(model_dir)
@@ -117,9 +132,8 @@ def _test_token_accuracy(model, params):
 
 
 @pytest.mark.slow
-def test_stopped_run_resumes_identically(tmp_path):
-    full, parts = str(tmp_path / "full"), str(tmp_path / "parts")
-    _train(full)
+def test_stopped_run_resumes_identically(finished, tmp_path):
+    full, parts = finished[0], str(tmp_path / "parts")
     _train(parts, stop_after_steps=7)  # final save at step 7
     assert not os.path.exists(os.path.join(parts, "checkpoint_16"))
     _train(parts)
