@@ -274,22 +274,12 @@ def _wait_for(predicate, proc, timeout):
     return False
 
 
-# The miniature's model at a quarter of its width and decodes cut to the 3 tokens of a label with
-# EOS: what is checked (each run once, the resume, selection on validation) does not depend on size.
-SMALLER = [
-    "--gin.T5Config.emb_dim=32",
-    "--gin.T5Config.head_dim=8",
-    "--gin.T5Config.mlp_dim=64",
-    "--gin.train.max_decode_length=3",
-]
-
-
 @pytest.mark.slow
 def test_sweep_killed_mid_way_and_rerun_has_every_run_once(tmp_path, subprocess_env):
     out = tmp_path / "out"
     runs = out / "runs"
     proc = subprocess.Popen(
-        _sweep_cmd(out, *SMALLER),
+        _sweep_cmd(out),
         env=subprocess_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -308,7 +298,7 @@ def test_sweep_killed_mid_way_and_rerun_has_every_run_once(tmp_path, subprocess_
     assert not (second / sweep.RESULT).exists()
 
     r = subprocess.run(
-        _sweep_cmd(out, *SMALLER), capture_output=True, text=True, env=subprocess_env, timeout=600
+        _sweep_cmd(out), capture_output=True, text=True, env=subprocess_env, timeout=600
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "4 runs: 1 done, 3 to run" in r.stdout
@@ -328,7 +318,7 @@ def test_sweep_killed_mid_way_and_rerun_has_every_run_once(tmp_path, subprocess_
         assert int(row["best_step"]) in (3, 6)
 
     again = subprocess.run(
-        _sweep_cmd(out, *SMALLER), capture_output=True, text=True, env=subprocess_env, timeout=300
+        _sweep_cmd(out), capture_output=True, text=True, env=subprocess_env, timeout=300
     )
     assert again.returncode == 0 and "4 runs: 4 done, 0 to run" in again.stdout
     with open(out / "results.csv") as f:
