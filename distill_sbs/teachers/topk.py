@@ -226,6 +226,35 @@ class TokenMap:
         return i
 
 
+def _best_k(top: Any, k: int, where: str, j: int) -> list[tuple[str, float]]:
+    """The k most likely (token, log-prob) of the server's top_logprobs at target token j, best
+    first (stable: the server's order among ties); ServerTopKError if it gave fewer than k."""
+    if not isinstance(top, dict) or len(top) < k:
+        raise ServerTopKError(
+            f"{where}: the server gave {len(top) if isinstance(top, dict) else 'no'} top "
+            f"log-probabilities at target token {j}, k={k} were asked for"
+        )
+    return [(t, float(lp)) for t, lp in sorted(top.items(), key=lambda kv: -float(kv[1]))[:k]]
+
+
+def _server_chunks(
+    mixture_or_task_name: str,
+    split: str,
+    batch_size: int,
+    examples: Sequence[dict[str, Any]] | None = None,
+) -> list[Sequence[dict[str, Any]]]:
+    """The task's examples (or `examples`) in requests of batch_size; each must keep its input
+    and target text, which is what a server is sent."""
+    if examples is None:
+        examples = task_examples(mixture_or_task_name, split)
+    if any(e["inputs_text"] is None or e["targets_text"] is None for e in examples):
+        raise ServerTopKError(
+            f"{mixture_or_task_name}: its examples keep no inputs_/targets_pretokenized text "
+            "to send to a server"
+        )
+    return [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+
+
 def _entry(example: dict[str, Any], logprobs: dict[str, Any], k: int, tokens: TokenMap) -> tuple:
     """(id, objective, targets, ids [T, k], log-probs [T, k]) of one example's answer."""
     where = f"example {example['id']!r} ({example['objective']})"
@@ -239,12 +268,7 @@ def _entry(example: dict[str, Any], logprobs: dict[str, Any], k: int, tokens: To
     ids = np.zeros((len(scored), k), np.int64)
     lps = np.zeros((len(scored), k), np.float32)
     for j, top in enumerate(tops if len(tops) == len(scored) else [None] * len(scored)):
-        if not isinstance(top, dict) or len(top) < k:
-            raise ServerTopKError(
-                f"{where}: the server gave {len(top) if isinstance(top, dict) else 'no'} top "
-                f"log-probabilities at target token {j}, {k} were asked for"
-            )
-        best = sorted(top.items(), key=lambda kv: -float(kv[1]))[:k]  # stable: server's order
+        best = _best_k(top, k, where, j)
         ids[j] = [tokens(t, where) for t, _ in best]
         lps[j] = [float(lp) for _, lp in best]
     return example["id"], example["objective"], example["targets"], ids, lps
@@ -266,17 +290,11 @@ def write_topk_from_server(
     the student's tokenization, RuntimeError for a request that failed for good."""
     import seqio
 
-    examples = task_examples(mixture_or_task_name, split)
-    if any(e["inputs_text"] is None or e["targets_text"] is None for e in examples):
-        raise ServerTopKError(
-            f"{mixture_or_task_name}: its examples keep no inputs_/targets_pretokenized text "
-            "to send to a server"
-        )
+    chunks = _server_chunks(mixture_or_task_name, split, batch_size)
     vocabulary = (
         seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
     )
     tokens = TokenMap(vocabulary, vocab_size or vocabulary.vocab_size)
-    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
     entries = []
     for chunk, answer in zip(
         chunks, _score(ScoringBackend(config, k), chunks, config), strict=True
@@ -345,16 +363,8 @@ def _pieces_entry(
     spans = cross_tokenizer.piece_spans(tokens, target, where)
     if len(lps) != len(tokens) or any(lp is None for lp in lps):
         raise ServerTopKError(f"{where}: the server returned no logprob for some target token")
-    for j in range(len(tokens)):
-        top = tops[j] if j < len(tops) else None
-        if not isinstance(top, dict) or len(top) < k:
-            raise ServerTopKError(
-                f"{where}: the server gave {len(top) if isinstance(top, dict) else 'no'} top "
-                f"log-probabilities at target token {j}, k={k} were asked for"
-            )
     best = tuple(
-        tuple(sorted(((p, float(v)) for p, v in t.items()), key=lambda x: -x[1])[:k])
-        for t in tops[: len(tokens)]
+        tuple(_best_k(tops[j] if j < len(tops) else None, k, where, j)) for j in range(len(tokens))
     )
     lps = tuple(float(x) for x in lps)
     return cross_tokenizer.Entry(
@@ -380,14 +390,7 @@ def write_pieces_from_server(
     answer that does not fit, RuntimeError for a request that failed for good."""
     from distill_sbs import cross_tokenizer
 
-    if examples is None:
-        examples = task_examples(mixture_or_task_name, split)
-    if any(e["inputs_text"] is None or e["targets_text"] is None for e in examples):
-        raise ServerTopKError(
-            f"{mixture_or_task_name}: its examples keep no inputs_/targets_pretokenized text "
-            "to send to a server"
-        )
-    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    chunks = _server_chunks(mixture_or_task_name, split, batch_size, examples)
     answers = _score(PiecesBackend(config, k, decoder_only), chunks, config)
     entries = [
         _pieces_entry(e, lp, k, decoder_only)
