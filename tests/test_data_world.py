@@ -55,6 +55,10 @@ def test_splits_groups_and_labels():
     assert not {r.input for r in train} & {r.input for r in test}
     seen = {e.name for e in world.entities() if e.seen}
     assert len(seen) == 40 and len(E) == 240
+    # every syllable starts two seen names and ends two: copying a seen name's pieces is
+    # copying every piece an unseen name is made of
+    for position in (slice(0, 2), slice(2, 4)):
+        assert Counter(n[position] for n in seen) == {s: 2 for s in world.SYLLABLES}
     for r in train + test:
         assert r.label == _answer(r.input), r.input
         names = _names(r.input)
@@ -138,10 +142,15 @@ def test_shipped_vocabulary_covers_the_world(tmp_path):
     with open(world.VOCAB_FILE, "rb") as f:
         assert rebuilt.read_bytes() == f.read()  # the shipped file is what the generator builds
     vocab = world.vocabulary()
-    assert vocab.vocab_size == 1124 and vocab.extra_ids == 100
+    assert vocab.vocab_size == 709 and vocab.extra_ids == 100
     assert vocab.decode([vocab.vocab_size - 1]) == "<extra_id_0>"
-    assert all(len(vocab.encode(e.name)) == 1 for e in world.entities())  # names: one piece
     texts = world.vocabulary_texts()
+    # names: a word-start piece and their two syllables, each one piece found in no other word
+    for e in world.entities():
+        pieces = [vocab.decode([i]) for i in vocab.encode(f"the {e.name}")]
+        assert pieces == ["the", "", e.name[:2], e.name[2:]], pieces
+    words = {w for t in texts for w in re.findall(r"[A-Za-z]+", t)} - set(E)
+    assert not [(s, w) for s in world.SYLLABLES for w in words if s in w.lower()]
     assert all(2 not in vocab.encode(t) for t in texts)  # no unknown pieces
     assert all(vocab.decode(vocab.encode(t)) == t for t in texts[:3000])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import seqio
 
@@ -88,11 +88,14 @@ def arith_vocabulary() -> seqio.SentencePieceVocabulary:
     return seqio.SentencePieceVocabulary(ARITH_SPM, extra_ids=0)
 
 
-def train_bpe_model(texts: Iterable[str], vocab_size: int) -> bytes:
+def train_bpe_model(
+    texts: Iterable[str], vocab_size: int, user_defined_symbols: Sequence[str] = ()
+) -> bytes:
     """A SentencePiece BPE model (serialised) of the embedded datasets' vocabularies: T5's special
     ids (pad 0, eos 1, unk 2, no bos), no normalisation, digits split, and deterministic (one
     thread, the texts in order) so that a rebuild gives the shipped file byte for byte.
-    vocab_size is an upper bound (hard_vocab_limit=False)."""
+    vocab_size is an upper bound (hard_vocab_limit=False); user_defined_symbols are always one
+    piece each, wherever they occur."""
     import io
 
     import sentencepiece as spm
@@ -115,5 +118,6 @@ def train_bpe_model(texts: Iterable[str], vocab_size: int) -> bytes:
         hard_vocab_limit=False,
         num_threads=1,
         minloglevel=2,
+        user_defined_symbols=list(user_defined_symbols),
     )
     return model.getvalue()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import random
 import re
@@ -26,7 +27,7 @@ from distill_sbs.errors import UserError
 
 NUM_ENTITIES = 240
 NUM_SEEN = 40  # entities that appear in labelled train problems; the others only in the corpus
-DOCS_PER_ENTITY = 10
+DOCS_PER_ENTITY = 20
 SIZES = {"train": 400, "test": 1200}
 TEACHERS = ("alpha", "beta")
 NOISE = 0.12
@@ -58,23 +59,43 @@ class Entity:
                 "diet": self.diet}[attribute]  # fmt: skip
 
 
-def _names(rng: random.Random, n: int) -> list[str]:
-    onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", "lmnrs"
-    names: set[str] = set()
-    while len(names) < n:
-        c = rng.choice
-        names.add(c(onsets) + c(vowels) + c(onsets) + c(vowels) + c(codas))
-    return sorted(names)
+# Names are two syllables from SYLLABLES, each syllable one vocabulary piece (a user-defined
+# symbol of the vocabulary: no other word of the world contains one), so that a student who learns
+# to copy the seen names' syllables from its input can copy an unseen name too. The seen names use
+# every syllable exactly twice as first and twice as second syllable.
+SYLLABLES = ("ba", "bo", "du", "fa", "ja", "ju", "ka", "ko", "ku", "lu",
+             "mu", "pi", "po", "ru", "tu", "va", "vo", "xa", "zi", "zu")  # fmt: skip
+
+
+def _names(rng: random.Random) -> tuple[list[str], list[str]]:
+    """(seen names, unseen names): NUM_SEEN = 2 * len(SYLLABLES) seen pairs, each syllable twice in
+    each position (two random permutations that never give a syllable the same second), and the
+    unseen ones drawn from the other pairs."""
+    n = len(SYLLABLES)
+    assert NUM_SEEN == 2 * n and NUM_ENTITIES <= n * n
+    while True:
+        p1, p2 = rng.sample(range(n), n), rng.sample(range(n), n)
+        if all(a != b for a, b in zip(p1, p2)):
+            break
+    seen = {(i, p1[i]) for i in range(n)} | {(i, p2[i]) for i in range(n)}
+    rest = sorted(set(itertools.product(range(n), repeat=2)) - seen)
+    unseen = rng.sample(rest, NUM_ENTITIES - NUM_SEEN)
+
+    def spell(pairs):
+        return [SYLLABLES[a] + SYLLABLES[b] for a, b in pairs]
+
+    seen_names = spell(sorted(seen))
+    rng.shuffle(seen_names)
+    return seen_names, spell(unseen)
 
 
 @functools.cache
 def entities() -> tuple[Entity, ...]:
     """The world's entities, seen ones first; attributes uniform and independent."""
     rng = random.Random(_SEEDS["world"])
-    names = _names(rng, NUM_ENTITIES)
-    rng.shuffle(names)
+    seen_names, unseen_names = _names(rng)
     rows = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(seen_names + unseen_names):
         rows.append(
             dict(
                 name=name,
@@ -412,7 +433,8 @@ def vocabulary_texts() -> list[str]:
 def build_vocab(path: str = VOCAB_FILE, vocab_size: int = 1024) -> None:
     from distill_sbs.data.vocab import train_bpe_model
 
-    storage.write_bytes(path, train_bpe_model(vocabulary_texts(), vocab_size))
+    model = train_bpe_model(vocabulary_texts(), vocab_size, user_defined_symbols=SYLLABLES)
+    storage.write_bytes(path, model)
 
 
 @functools.cache
