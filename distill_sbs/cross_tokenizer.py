@@ -33,11 +33,13 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from distill_sbs import storage
+from distill_sbs.data.feature_converter import PIECES_EXAMPLE_FEATURE, PIECES_MODEL_FEATURE
 from distill_sbs.errors import UserError
 
 _REST_MIN = 1e-6  # least rest mass of a teacher (its stored log-probs are rounded)
@@ -207,6 +209,118 @@ def batch_features(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np
     return {name: np.stack([e[name] for e in examples]) for name in FEATURES}
 
 
+# ---- in training: the file named in gin, its features carried with the batches ----------------
+
+
+@gin.configurable
+def teacher_pieces_path(path: str | None = None) -> str | None:
+    """The pieces file of the train split (gin: `teacher_pieces_path.path = "..."`); None: none."""
+    return path
+
+
+_SCALARS = ("xt_kind", "xt_last", "xt_span_logprob", "uld_valid")  # one value per token
+
+
+def _layout(k: int) -> list[tuple[str, int, Any]]:
+    """(feature, values per token, dtype) in the encoded feature's order."""
+    return [("xt_ids", k + 1, np.int32), ("xt_valid", k + 1, bool),
+            ("xt_logprobs", k + 1, np.float32), ("xt_kind", 1, np.int32), ("xt_last", 1, np.int32),
+            ("xt_span_logprob", 1, np.float32), ("uld_logprobs", k, np.float32),
+            ("uld_valid", 1, bool)]  # fmt: skip
+
+
+def encode(feats: Mapping[str, np.ndarray]) -> np.ndarray:
+    """One example's `features` [T, ...] as int32 [T, 4k + 7] for seqio's packer: integers + 1
+    and float32 bits + 1 (no value is 0, which the packer reads as padding; the values pass
+    exactly), and `xt_last` as the offset from its own position (packing moves a target along
+    its row)."""
+    length = len(feats["xt_kind"])
+    k = feats["uld_logprobs"].shape[-1]
+    cols = []
+    for name, width, dtype in _layout(k):
+        x = np.asarray(feats[name]).reshape(length, width)
+        if name == "xt_last":
+            span = feats["xt_kind"].reshape(length, 1) == SPAN
+            x = np.where(span, x - np.arange(length)[:, None], 0)
+        if dtype is np.float32:
+            x = np.ascontiguousarray(x, np.float32).view(np.int32)
+        cols.append(x.astype(np.int64) + 1)
+    return np.concatenate(cols, axis=1).astype(np.int32)
+
+
+def decode_features(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The loss's features [b, l, ...] from the batch's encoded PIECES_MODEL_FEATURE [b, l * w]
+    (packed or not). Padding has no term, nor has a span whose last token is not in the same
+    target (one cut by TASK_FEATURE_LENGTHS)."""
+    targets = batch["decoder_target_tokens"]
+    b, length = targets.shape
+    enc = batch[PIECES_MODEL_FEATURE].reshape(b, length, -1)
+    raw = jnp.where(enc == 0, 1, enc) - 1  # padding: 0, 0.0 and False everywhere
+    out, col = {}, 0
+    for name, width, dtype in _layout((enc.shape[-1] - 7) // 4):
+        x = raw[..., col : col + width]
+        col += width
+        if dtype is np.float32:
+            x = jax.lax.bitcast_convert_type(x, jnp.float32)
+        elif dtype is bool:
+            x = x > 0
+        out[name] = x[..., 0] if name in _SCALARS else x
+    last = jnp.arange(length) + out["xt_last"]
+    inside = last < length
+    last = jnp.minimum(last, length - 1)
+    inside &= jnp.take_along_axis(batch["decoder_loss_weights"], last, axis=-1) > 0
+    if "decoder_segment_ids" in batch:  # packed: the span ends in its own example
+        seg = batch["decoder_segment_ids"]
+        inside &= jnp.take_along_axis(seg, last, axis=-1) == seg
+    out["xt_kind"] = jnp.where((out["xt_kind"] == SPAN) & ~inside, NONE, out["xt_kind"])
+    out["xt_last"] = last
+    return out
+
+
+def stored_k(entries: Mapping[tuple[str, str], Entry], path: str) -> int:
+    """The file's k: the most top log-probabilities at any position."""
+    k = max((len(t) for e in entries.values() for t in e.top), default=0)
+    if k == 0:
+        raise CrossTokenizerError(f"{path}: the pieces file holds no top log-probabilities")
+    return k
+
+
+def attach(
+    examples: list[dict],
+    entries: Mapping[tuple[str, str], Entry],
+    vocabulary: Any,
+    objective: str,
+    path: str,
+    eos_id: int = 1,
+) -> list[dict]:
+    """Adds the encoded features of each example's entry (PIECES_EXAMPLE_FEATURE, int32 [target
+    tokens, 4k + 7]) to the examples of one objective; the entry's target must be the example's."""
+    tok = getattr(vocabulary, "tokenizer", None)
+    if tok is None:
+        raise CrossTokenizerError(
+            f"{path}: a pieces file needs a SentencePiece student vocabulary, not "
+            f"{type(vocabulary).__name__}"
+        )
+    k, lookup = stored_k(entries, path), sentencepiece_lookup(tok)
+    out = []
+    for ex in examples:
+        entry = entries.get((str(ex["id"]), objective))
+        if entry is None:
+            raise CrossTokenizerError(
+                f"{path}: no pieces entry for example {ex['id']!r} (objective {objective!r}); "
+                "the file was written for other records"
+            )
+        if entry.target != ex["targets"]:
+            raise CrossTokenizerError(
+                f"{path}: the target of {ex['id']!r} ({objective}) is {entry.target[:60]!r} in "
+                f"the file but {ex['targets'][:60]!r} in the records"
+            )
+        ids = [*vocabulary.encode(ex["targets"]), eos_id]
+        f = features(entry, ids, sentencepiece_text(tok, ids), lookup, k, len(ids))
+        out.append({**ex, PIECES_EXAMPLE_FEATURE: encode(f)})
+    return out
+
+
 # ---- the losses (jitted with the student) -----------------------------------------------------
 
 
@@ -327,6 +441,8 @@ def load(path: str) -> dict[tuple[str, str], Entry]:
     """(example id, objective) -> Entry; a line that is not a valid entry is one error."""
     from distill_sbs.data.records import iter_json_lines
 
+    if not storage.exists(path):
+        raise CrossTokenizerError(f"{path}: no such pieces file (teacher_pieces_path.path)")
     out = {}
     for d, where in iter_json_lines(path, "a pieces entry"):
         try:

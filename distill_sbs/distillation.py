@@ -8,6 +8,9 @@ Two sources satisfy `trainer.Teacher` and run inside the jitted train step, once
                     student's rules, optionally bfloat16; its logits are stop_gradient'ed
     OfflineTopK     the teacher's top-k log-probabilities per target token, saved with the records
                     (data/topk.py) and carried through packing as batch features
+    CrossTokenizerPieces
+                    a teacher of another tokenizer: its pieces file's features carried alike
+                    (cross_tokenizer.py), giving the span-aligned or ULD term per student token
 
 With an online teacher, `OnPolicy` (GKD) first replaces a fraction of each batch's targets by the
 student's own samples, drawn in the step; the teacher then scores those.
@@ -22,6 +25,7 @@ turns it into the Trainer's teacher and `ObjectiveLoss` divergence fields, so th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_sbs import partitioning
+from distill_sbs import cross_tokenizer, partitioning, storage
 from distill_sbs.data import topk as topk_store
 from distill_sbs.errors import UserError
 from distill_sbs.losses import DIVERGENCES, SAMPLED_FEATURE
@@ -54,6 +58,9 @@ class KD:
     on_policy_fraction: GKD's lambda, the fraction of each batch's examples whose targets are the
       student's samples (OnPolicy; needs the online teacher and unpacked batches); 0: supervised.
     sample_temperature: the temperature of those samples (0: greedy).
+    cross_tokenizer: "span" or "uld" distills from the pieces file of a teacher with another
+      tokenizer (teacher_pieces_path.path; cross_tokenizer.py): the span-aligned divergence (kind
+      one of cross_tokenizer.KINDS, beta for "jsd") or ULD; None: a teacher of this vocabulary.
     """
 
     weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
@@ -67,6 +74,7 @@ class KD:
     topk: int | None = None
     on_policy_fraction: float = 0.0
     sample_temperature: float = 1.0
+    cross_tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in DIVERGENCES:
@@ -79,6 +87,11 @@ class KD:
             raise ValueError(f"KD.on_policy_fraction={self.on_policy_fraction}: not in [0, 1]")
         if self.sample_temperature < 0.0:
             raise ValueError(f"KD.sample_temperature={self.sample_temperature}: must be >= 0")
+        if self.cross_tokenizer not in (None, *cross_tokenizer.LOSSES):
+            raise UserError(
+                f"KD.cross_tokenizer={self.cross_tokenizer!r}: expected one of "
+                f"{cross_tokenizer.LOSSES} (or None: a teacher of the student's vocabulary)"
+            )
         if not self.weights:
             raise ValueError(
                 'KD.weights is empty; name the distilled objectives, e.g. {"rationale": 0.3}'
@@ -249,10 +262,85 @@ class OfflineTopK:
         return jax.lax.stop_gradient(ids), jax.lax.stop_gradient(logprobs)
 
 
+class CrossTokenizerPieces:
+    """A teacher of another tokenizer: its pieces file's features read from the batch
+    (cross_tokenizer.decode_features), returned as the losses.TokenDivergence of `loss` ("span"
+    or "uld") that ObjectiveLoss applies to the student's logits."""
+
+    params: Any = None
+    params_shardings: Any = None
+
+    def __init__(self, loss: str) -> None:
+        self.loss = loss
+
+    def __call__(self, params: Any, batch: Mapping[str, jax.Array]) -> Any:
+        del params
+        if cross_tokenizer.PIECES_MODEL_FEATURE not in batch:
+            raise UserError(
+                f"KD.cross_tokenizer={self.loss!r}, but the batch has no "
+                f"{cross_tokenizer.PIECES_MODEL_FEATURE!r}: set teacher_pieces_path.path"
+            )
+        feats = jax.lax.stop_gradient(cross_tokenizer.decode_features(batch))
+        return functools.partial(cross_tokenizer.divergence, self.loss, feats=feats)
+
+
+def _cross_tokenizer_teacher(kd: KD, path: str | None) -> CrossTokenizerPieces:
+    """The pieces file's teacher, after refusing the settings it cannot honour (one line each)."""
+    if kd.cross_tokenizer is None:
+        raise UserError(
+            f"teacher_pieces_path.path={path} is a teacher of another tokenizer: set "
+            f"KD.cross_tokenizer to one of {cross_tokenizer.LOSSES}"
+        )
+    name = f"KD.cross_tokenizer={kd.cross_tokenizer!r}"
+    refusals = [
+        (
+            not path,
+            "reads a pieces file: set teacher_pieces_path.path (written by "
+            "python -m distill_sbs.annotate_topk --pieces)",
+        ),
+        (
+            kd.teacher is not None,
+            f"distills from the pieces file, not KD.teacher={kd.teacher}: unset one",
+        ),
+        (
+            bool(topk_store.teacher_topk_path()),
+            "and teacher_topk_path.path name two teachers: unset one",
+        ),
+        (
+            kd.on_policy_fraction > 0,
+            f"cannot score the student's samples "
+            f"(KD.on_policy_fraction={kd.on_policy_fraction}): the pieces "
+            "file covers only the dataset's targets",
+        ),
+        (kd.topk is not None, "uses every top log-prob of the pieces file: unset KD.topk"),
+        (
+            kd.temperature != 1.0 or kd.scale_by_t2,
+            "has no temperature: leave KD.temperature at 1 and KD.scale_by_t2 False",
+        ),
+        (
+            kd.cross_tokenizer == "span" and kd.kind not in cross_tokenizer.KINDS,
+            f"compares spans with one of {cross_tokenizer.KINDS}, not KD.kind={kd.kind!r}",
+        ),
+        (
+            kd.cross_tokenizer == "uld" and kd.kind != "forward_kl",
+            f"is ULD's own distance: KD.kind={kd.kind!r} does not apply (leave it unset)",
+        ),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise UserError(f"{name} {why}")
+    if not storage.exists(path):
+        raise UserError(f"teacher_pieces_path.path={path}: no such pieces file")
+    return CrossTokenizerPieces(kd.cross_tokenizer)
+
+
 def build_teacher(
     kd: KD, student_vocab_size: int, partitioner: partitioning.Partitioner
-) -> OnlineTeacher | OfflineTopK:
+) -> OnlineTeacher | OfflineTopK | CrossTokenizerPieces:
     """The teacher source `kd` names, checked against the student's vocabulary size."""
+    pieces = cross_tokenizer.teacher_pieces_path()
+    if kd.cross_tokenizer is not None or pieces:
+        return _cross_tokenizer_teacher(kd, pieces)
     if kd.teacher is None and kd.on_policy_fraction > 0:
         raise UserError(
             f"KD.on_policy_fraction={kd.on_policy_fraction} needs an online teacher to score the "

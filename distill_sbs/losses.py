@@ -16,7 +16,7 @@ its logits, so neither the trainer nor the model repeats the feature names.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -130,6 +130,12 @@ def weighted_objective_loss(
 SAMPLED_FEATURE = "decoder_sampled"
 
 
+# A teacher that computes its own per-token divergence [batch, length] from the student's logits
+# and target tokens, given ObjectiveLoss's kind and beta (a teacher of another tokenizer:
+# distillation.CrossTokenizerPieces); added like distillation_divergence's values.
+TokenDivergence = Callable[..., jax.Array]
+
+
 def objective_ids(batch: Mapping[str, jax.Array]) -> jax.Array:
     """int [batch, length] objective of each target token; a plain task (no ids) is objective 0."""
     ids = batch.get("decoder_objective_ids")
@@ -179,12 +185,17 @@ class ObjectiveLoss:
         logits: jax.Array,
         batch: Mapping[str, jax.Array],
         token_counts: jax.Array | None = None,
-        teacher: jax.Array | TopK | None = None,
+        teacher: jax.Array | TopK | TokenDivergence | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(loss, metric sums) of `logits` [batch, length, vocab] against the batch's targets;
-        `teacher` (full logits or top-k, see distillation_divergence) when `distills`."""
+        `teacher` (full logits or top-k, see distillation_divergence, or a TokenDivergence) when
+        `distills`."""
         divergence = None
-        if self.distills:
+        if self.distills and callable(teacher):  # a teacher of another tokenizer: its own terms
+            divergence = teacher(
+                logits, batch["decoder_target_tokens"], kind=self.divergence, beta=self.beta
+            )
+        elif self.distills:
             if teacher is None:
                 raise ValueError("ObjectiveLoss has divergence weights but no teacher was given")
             divergence = distillation_divergence(

@@ -16,6 +16,11 @@ TOPK_EXAMPLE_FEATURES = {
     "teacher_topk_ids": "decoder_topk_ids",
     "teacher_topk_logprobs": "decoder_topk_logprobs",
 }
+# A teacher of another tokenizer (cross_tokenizer.py): its pieces file's loss features, one int32
+# [target length, width] per example, encoded alike (never 0); model feature int32 [length * width].
+PIECES_EXAMPLE_FEATURE, PIECES_MODEL_FEATURE = "teacher_pieces", "decoder_pieces"
+# Every per-target-token teacher feature: example name -> model name.
+TOKEN_FEATURES = {**TOPK_EXAMPLE_FEATURES, PIECES_EXAMPLE_FEATURE: PIECES_MODEL_FEATURE}
 
 
 class ObjectiveEncDecFeatureConverter(seqio.EncDecFeatureConverter):
@@ -37,13 +42,15 @@ class ObjectiveEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     ) -> tf.data.Dataset:
         # seqio.Evaluator, left to measure lengths itself, also lists objective_id (length 1).
         lengths = {k: v for k, v in task_feature_lengths.items() if k != OBJECTIVE_FEATURE}
-        topk = [n for n in TOPK_EXAMPLE_FEATURES if n in ds.element_spec]
-        self._topk_k = ds.element_spec[topk[0]].shape[-1] if topk else None
-        if topk:  # seqio keeps only the declared model features
+        # Each per-token teacher feature's width (k of a top-k, the pieces' feature width).
+        self._widths = {
+            n: ds.element_spec[n].shape[-1] for n in TOKEN_FEATURES if n in ds.element_spec
+        }
+        if self._widths:  # seqio keeps only the declared model features
             spec = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
             self.MODEL_FEATURES = {
                 **type(self).MODEL_FEATURES,
-                **{TOPK_EXAMPLE_FEATURES[n]: spec for n in topk},
+                **{TOKEN_FEATURES[n]: spec for n in self._widths},
             }
         return super().__call__(ds, lengths)
 
@@ -65,21 +72,20 @@ class ObjectiveEncDecFeatureConverter(seqio.EncDecFeatureConverter):
                 "targets": ex["targets"],
                 _TARGET_OBJECTIVES: tf.fill(tf.shape(ex["targets"]), ids + 1),
             }
-            for name in topk:  # [T, k] -> [T * k]: token-major, so trimming cuts whole tokens
+            for name in self._widths:  # [T, w] -> [T * w]: token-major, trimming cuts whole tokens
                 out[name] = tf.reshape(ex[name], [-1])
             return out
 
-        topk = [n for n in TOPK_EXAMPLE_FEATURES if n in ds.element_spec]
         ds = ds.map(broadcast, num_parallel_calls=tf.data.AUTOTUNE)
         lengths = {**task_feature_lengths, _TARGET_OBJECTIVES: task_feature_lengths["targets"]}
-        lengths.update({n: task_feature_lengths["targets"] * self._topk_k for n in topk})
+        lengths.update({n: task_feature_lengths["targets"] * w for n, w in self._widths.items()})
         ds = self._pack_or_pad(ds, lengths)
         return ds.map(self._convert_example, num_parallel_calls=tf.data.AUTOTUNE)
 
     def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
         d = dict(super()._convert_example(features))
         d["decoder_objective_ids"] = tf.maximum(features[_TARGET_OBJECTIVES] - 1, 0)
-        for name, model_name in TOPK_EXAMPLE_FEATURES.items():
+        for name, model_name in TOKEN_FEATURES.items():
             if name in features:
                 d[model_name] = features[name]
         return d
@@ -89,7 +95,6 @@ class ObjectiveEncDecFeatureConverter(seqio.EncDecFeatureConverter):
     ) -> Mapping[str, int]:
         lengths = dict(super().get_model_feature_lengths(task_feature_lengths))
         lengths["decoder_objective_ids"] = task_feature_lengths["targets"]
-        if getattr(self, "_topk_k", None):
-            for name in TOPK_EXAMPLE_FEATURES.values():
-                lengths[name] = task_feature_lengths["targets"] * self._topk_k
+        for name, width in getattr(self, "_widths", {}).items():
+            lengths[TOKEN_FEATURES[name]] = task_feature_lengths["targets"] * width
         return lengths

@@ -24,9 +24,14 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from distill_sbs import metrics
+from distill_sbs import cross_tokenizer, metrics
 from distill_sbs.data import dss, methods, options, preprocessors, topk
-from distill_sbs.data.feature_converter import OBJECTIVE_FEATURE, ObjectiveEncDecFeatureConverter
+from distill_sbs.data.feature_converter import (
+    OBJECTIVE_FEATURE,
+    PIECES_EXAMPLE_FEATURE,
+    TOKEN_FEATURES,
+    ObjectiveEncDecFeatureConverter,
+)
 from distill_sbs.data.records import Record, RecordError, read_jsonl
 from distill_sbs.errors import UserError
 from distill_sbs.parsing import parse_chain_of_thought
@@ -192,7 +197,7 @@ def _to_tf(examples: Sequence[dict]) -> tf.data.Dataset:
         OBJECTIVE_FEATURE: tf.constant([[e["objective_id"]] for e in examples], tf.int32),
         "choices": tf.constant([e["choices"] for e in examples], tf.string),
     }
-    for name in (topk.EXAMPLE_IDS, topk.EXAMPLE_LOGPROBS):
+    for name in TOKEN_FEATURES:
         if name in examples[0]:  # [T_i, k] per example: a ragged column, sliced per example
             rows = [e[name] for e in examples]
             values = tf.constant(np.concatenate(rows), tf.int32)
@@ -214,6 +219,11 @@ def _dataset_fn(split: str, shuffle_files: bool, seed: int | None = None, *, key
     path = topk.teacher_topk_path()
     if path and split == "train":  # saved teacher top-k for offline distillation (data/topk.py)
         examples = topk.attach(examples, topk.load(path), _DATASETS[dataset].vocabulary, name)
+    pieces = cross_tokenizer.teacher_pieces_path()
+    if pieces and split == "train":  # a teacher of another tokenizer (cross_tokenizer.py)
+        entries = cross_tokenizer.load(pieces)
+        vocabulary = _DATASETS[dataset].vocabulary
+        examples = cross_tokenizer.attach(examples, entries, vocabulary, name, pieces)
     return _to_tf(examples)
 
 
@@ -497,9 +507,12 @@ def get_dataset(
         )
     provider = seqio.get_mixture_or_task(mixture_or_task_name)
     extra = {}
-    if isinstance(provider, seqio.Mixture) and topk.teacher_topk_path():
-        # A mixture keeps only its output features unless told otherwise.
-        extra["passthrough_features"] = [topk.EXAMPLE_IDS, topk.EXAMPLE_LOGPROBS]
+    if isinstance(provider, seqio.Mixture):  # it keeps only its output features unless told
+        passthrough = [topk.EXAMPLE_IDS, topk.EXAMPLE_LOGPROBS] if topk.teacher_topk_path() else []
+        if cross_tokenizer.teacher_pieces_path():
+            passthrough.append(PIECES_EXAMPLE_FEATURE)
+        if passthrough:
+            extra["passthrough_features"] = passthrough
     ds = provider.get_dataset(
         sequence_length=dict(task_feature_lengths),
         split=split,

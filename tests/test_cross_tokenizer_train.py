@@ -1,0 +1,366 @@
+"""Cross-tokenizer KD through gin and `distill_sbs.train` (docs/distillation.md, "In training"): a
+pieces file named in gin (kd/arith_kd_pieces.gin) reaches the batches through the SeqIO
+pipeline, packed or not, and the first step's loss equals a numpy computation of CE + gamma *
+(span-aligned divergence or ULD) on the same batch; a stopped run resumes to the same losses;
+bad settings are one line each. Also a gin run of on-policy distillation (GKD) resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gin
+import jax
+import numpy as np
+import pytest
+import seqio
+from _serve_proc import save_tiny_checkpoint
+
+from distill_sbs import cli, cross_tokenizer, distillation
+from distill_sbs.data.vocab import ARITH_SPM
+from distill_sbs.errors import UserError
+from distill_sbs.generation import token_text
+from distill_sbs.partitioning import create_partitioner
+
+K = 4
+# Pieces of the arith vocabulary ("▁" as a space) and strings it lacks: top-k candidates.
+POOL = [" The", " is", " a", "1", "2", " bird", ".", " So", "The", "zq", " fish~", "##"]
+TINY = [
+    "T5Config.emb_dim = 16", "T5Config.num_heads = 2", "T5Config.head_dim = 8",
+    "T5Config.mlp_dim = 32", "T5Config.num_encoder_layers = 1", "T5Config.num_decoder_layers = 1",
+    "BATCH_SIZE = 8", "LOG_PERIOD = 1",
+    "train.eval_at_end = False", "train.async_checkpointing = False",
+]  # fmt: skip
+
+
+def _teacher_entry(rng: np.random.Generator, id_: str, objective: str, text: str):
+    """A character-chunk teacher: pieces of 1 to 3 characters (the first sometimes with a
+    dummy-prefix space), EOS, and at each position a random distribution over its own piece and
+    five candidates of POOL, with mass left for the rest of its vocabulary."""
+    pieces, pos = [], 0
+    while pos < len(text):
+        n = int(rng.integers(1, 4))
+        pieces.append(text[pos : pos + n])
+        pos += n
+    if rng.random() < 0.5:
+        pieces[0] = " " + pieces[0]
+    pieces.append("</s>")
+    own, top = [], []
+    for piece in pieces:
+        cands = list(dict.fromkeys([piece, *rng.choice(POOL, 5, replace=False)]))
+        logits = rng.normal(size=len(cands) + 1) * 2  # the last: the rest of the vocabulary
+        lps = logits - np.log(np.exp(logits).sum())
+        order = np.argsort(-lps[:-1])[:K]
+        top.append(tuple((cands[i], float(lps[i])) for i in order))
+        own.append(float(lps[0]))
+    spans = cross_tokenizer.piece_spans(pieces, text, id_)
+    return cross_tokenizer.Entry(
+        id_, objective, text, tuple(pieces), tuple(spans), tuple(own), tuple(top)
+    )
+
+
+@pytest.fixture(scope="module")
+def pieces_file(tmp_path_factory):
+    """A pieces file of every arith_dss train example: (path, entries, vocabulary)."""
+    import distill_sbs.tasks  # noqa: F401
+
+    from distill_sbs.data import registry
+
+    rng = np.random.default_rng(0)
+    entries = [
+        _teacher_entry(rng, ex["id"], name, ex["targets"])
+        for o, name in enumerate(["label", "rationale"])
+        for ex in registry.build_examples("arith", "dss", o, "train")
+    ]
+    path = str(tmp_path_factory.mktemp("pieces") / "arith.pieces.jsonl")
+    cross_tokenizer.save(path, entries)
+    return path, entries, seqio.SentencePieceVocabulary(ARITH_SPM, extra_ids=0)
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def _parse(files: list[str], bindings: list[str]) -> None:
+    gin.clear_config()
+    cli.parse_gin(files, [*TINY, *bindings])
+
+
+def _losses(model_dir: str) -> dict[int, dict]:
+    with open(os.path.join(model_dir, "train_metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+# ---- the features through the pipeline --------------------------------------------------------
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_features_survive_packing_and_cut_targets(pieces_file, pack):
+    """The batch's encoded features decode (cross_tokenizer.decode_features) to exactly what
+    cross_tokenizer.features gives each example cut to the target length, at its segment's
+    place in the row; a span cut by the target length has no term."""
+    from distill_sbs import data
+
+    path, entries, vocab = pieces_file
+    by_input = _by_input(entries, vocab)
+    gin.bind_parameter("teacher_pieces_path.path", path)
+    length = 24  # cuts the rationales
+    ds = data.get_dataset(
+        "arith_dss", task_feature_lengths={"inputs": 64, "targets": length}, split="train",
+        batch_size=8, shuffle=False, pack=pack, repeat=False,
+    )  # fmt: skip
+    batch = next(ds.as_numpy_iterator())
+    got = jax.tree.map(np.asarray, cross_tokenizer.decode_features(batch))
+    lookup = cross_tokenizer.sentencepiece_lookup(vocab.tokenizer)
+    cut = 0
+    for r, pos, entry in _segments(batch, by_input):
+        ids = [*vocab.encode(entry.target), 1]
+        pieces = cross_tokenizer.sentencepiece_text(vocab.tokenizer, ids)
+        want = cross_tokenizer.features(entry, ids, pieces, lookup, K, len(pos))
+        want["xt_last"] = np.where(want["xt_kind"] == cross_tokenizer.SPAN, want["xt_last"], 0)
+        want["xt_last"] = want["xt_last"] + pos[0]
+        seg = {name: v[r, pos] for name, v in got.items()}
+        seg["xt_last"] = np.where(seg["xt_kind"] == cross_tokenizer.SPAN, seg["xt_last"], pos[0])
+        for name in cross_tokenizer.FEATURES:
+            np.testing.assert_array_equal(seg[name], want[name], err_msg=name)
+        cut += len(ids) > length
+    assert cut > 0  # some targets were cut
+    assert (got["xt_kind"] == cross_tokenizer.SPAN).any() and (got["xt_valid"]).any()
+    if pack:
+        assert batch["decoder_segment_ids"].max() > 1  # several examples per row
+
+
+def _by_input(entries, vocab) -> dict:
+    """(input token ids with EOS, objective id) -> entry: how a batch's segment finds its entry
+    (arith_dss's train inputs are unique per objective)."""
+    import distill_sbs.tasks  # noqa: F401
+
+    from distill_sbs.data import registry
+
+    out = {}
+    index = {(e.id, e.objective): e for e in entries}
+    for o, name in enumerate(["label", "rationale"]):
+        for ex in registry.build_examples("arith", "dss", o, "train"):
+            out[(tuple(vocab.encode(ex["inputs"])) + (1,), o)] = index[(ex["id"], name)]
+    return out
+
+
+def _segments(batch, by_input):
+    """(row, target positions, entry) of each example in a feature-converted batch."""
+    enc, tgt = batch["encoder_input_tokens"], batch["decoder_target_tokens"]
+    packed = "decoder_segment_ids" in batch
+    for r in range(tgt.shape[0]):
+        seg = batch["decoder_segment_ids"][r] if packed else (tgt[r] > 0).astype(int)
+        enc_seg = batch["encoder_segment_ids"][r] if packed else (enc[r] > 0).astype(int)
+        for s in np.unique(seg[seg > 0]):
+            pos = np.flatnonzero(seg == s)
+            objective = int(batch["decoder_objective_ids"][r, pos[0]])
+            yield r, pos, by_input[(tuple(enc[r, enc_seg == s]), objective)]
+
+
+# ---- the first step's loss against numpy ------------------------------------------------------
+
+
+def _np_kl(a, b):
+    m = a > 0
+    return float(np.sum(a[m] * (np.log(a[m]) - np.log(b[m]))))
+
+
+def _span_values(entry, ids, q, lookup, tok) -> np.ndarray:
+    """Forward KL per student token of one target, from the entry and the alignment (float64)."""
+    out = np.zeros(len(ids))
+    pieces = [token_text(tok, int(i)) for i in ids]
+    spans = cross_tokenizer.piece_spans(pieces, entry.target, "s")
+    for t0, t1, s0, s1 in cross_tokenizer.align(entry.spans, spans, len(entry.target)):
+        if t1 - t0 == 1 and s1 - s0 == 1:
+            cls = {}
+            for piece, lp in entry.top[t0][:K]:
+                if lookup(piece) is not None:
+                    cls[lookup(piece)] = np.exp(lp)
+            cls.setdefault(int(ids[s0]), np.exp(entry.logprobs[t0]))
+            p = np.array([*cls.values(), max(1 - sum(cls.values()), 1e-6)])
+            qs = q[s0, list(cls)]
+            out[s0] = _np_kl(p, np.array([*qs, 1 - qs.sum()]))
+        else:
+            big_p = np.exp(sum(entry.logprobs[t0:t1]))
+            big_q = np.prod([q[j, ids[j]] for j in range(s0, s1)])
+            out[s0] = _np_kl(np.array([big_p, 1 - big_p]), np.array([big_q, 1 - big_q]))
+    return out
+
+
+def _uld_values(entry, ids, q) -> np.ndarray:
+    out = np.zeros(len(ids))
+    q_top = -np.sort(-q, axis=-1)[:, :K]
+    for j in range(min(len(entry.tokens), len(ids))):
+        p = np.zeros(K)
+        top = sorted((np.exp(lp) for _, lp in entry.top[j]), reverse=True)
+        p[: len(top)] = top
+        out[j] = np.abs(p - q_top[j]).sum()
+    return out
+
+
+def _numpy_loss(loss: str, batch, logits, by_input, vocab, gammas) -> float:
+    """sum_k w_k CE_k / N_k + sum_k gamma_k D_k / N_k over the batch, in float64."""
+    from distill_sbs import data
+
+    weights = np.asarray([o.weight for o in data.get_objectives("arith_dss")])
+    x = logits.astype(np.float64)
+    q = np.exp(x - x.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    lookup = cross_tokenizer.sentencepiece_lookup(vocab.tokenizer)
+    ce, div, n = np.zeros(2), np.zeros(2), np.zeros(2)
+    for r, pos, entry in _segments(batch, by_input):
+        ids = batch["decoder_target_tokens"][r, pos]
+        o = int(batch["decoder_objective_ids"][r, pos[0]])
+        qr = q[r, pos]
+        if loss == "span":
+            d = _span_values(entry, ids, qr, lookup, vocab.tokenizer)
+        else:
+            d = _uld_values(entry, ids, qr)
+        ce[o] += -np.log(qr[np.arange(len(ids)), ids]).sum()
+        div[o] += d.sum()
+        n[o] += len(ids)
+    return float(np.sum(weights * ce / n) + np.sum(np.asarray(gammas) * div / n))
+
+
+def _first_batch_and_logits():
+    """The run's first batch and the student's logits on it at its initial parameters."""
+    from distill_sbs import train
+    from distill_sbs.models import EncoderDecoderModel
+    from distill_sbs.network import Packing, T5Config
+
+    cfg = train.TrainConfig()
+    batch = next(train.train_batches(cfg))
+    model = EncoderDecoderModel(T5Config())
+    params = model.init_params(jax.random.PRNGKey(cfg.seed))
+    logits = jax.jit(model.logits)(
+        params, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+        packing=Packing.from_features(batch),
+    )  # fmt: skip
+    return batch, np.asarray(logits)
+
+
+@pytest.mark.slow  # three short training runs (about 40 s)
+def test_span_run_through_gin_matches_numpy_and_resumes(pieces_file, tmp_path):
+    """kd/arith_kd_pieces.gin (span, forward KL), packed: the first step's loss is CE + 0.5 *
+    the span-aligned term computed in numpy; stopped after 1 step and resumed, steps 2 and 3
+    equal the uninterrupted run's."""
+    from distill_sbs import train
+
+    path, entries, vocab = pieces_file
+    files = ["kd/arith_student.gin", "kd/arith_kd_pieces.gin"]
+    common = [f"PIECES_FILE = '{path}'", "TRAIN_STEPS = 3"]
+    full, parts = str(tmp_path / "full"), str(tmp_path / "parts")
+    _parse(files, [*common, f"MODEL_DIR = '{full}'"])
+    train.train()
+    batch, logits = _first_batch_and_logits()
+    assert "decoder_segment_ids" in batch and "decoder_pieces" in batch  # packed, with features
+    ref = _losses(full)
+    want = _numpy_loss("span", batch, logits, _by_input(entries, vocab), vocab, (0.5, 0.5))
+    assert ref[1]["label/divergence"] > 0 and ref[1]["rationale/divergence"] > 0
+    np.testing.assert_allclose(ref[1]["loss"], want, rtol=1e-5)
+
+    _parse(files, [*common, f"MODEL_DIR = '{parts}'", "train.stop_after_steps = 1"])
+    train.train()
+    _parse(files, [*common, f"MODEL_DIR = '{parts}'"])
+    train.train()
+    got = _losses(parts)
+    for step in (1, 2, 3):
+        np.testing.assert_allclose(got[step]["loss"], ref[step]["loss"], rtol=1e-6)
+
+
+@pytest.mark.slow  # one short training run
+def test_uld_run_through_gin_unpacked_matches_numpy(pieces_file, tmp_path):
+    """KD.cross_tokenizer = 'uld', unpacked batches: the first step's loss is CE + 0.5 * ULD
+    computed in numpy on the same batch."""
+    from distill_sbs import train
+
+    path, entries, vocab = pieces_file
+    _parse(
+        ["kd/arith_student.gin", "kd/arith_kd_pieces.gin"],
+        [f"PIECES_FILE = '{path}'", "TRAIN_STEPS = 1", f"MODEL_DIR = '{tmp_path / 'uld'}'",
+         "KD.cross_tokenizer = 'uld'", "train.pack = False"],
+    )  # fmt: skip
+    train.train()
+    batch, logits = _first_batch_and_logits()
+    assert "decoder_segment_ids" not in batch
+    want = _numpy_loss("uld", batch, logits, _by_input(entries, vocab), vocab, (0.5, 0.5))
+    np.testing.assert_allclose(_losses(str(tmp_path / "uld"))[1]["loss"], want, rtol=1e-5)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def test_bad_settings_and_files_are_one_line_each(pieces_file, tmp_path):
+    path, entries, vocab = pieces_file
+
+    def build(pieces=None, topk_file=None, **kd):
+        gin.bind_parameter("teacher_pieces_path.path", pieces)
+        gin.bind_parameter("teacher_topk_path.path", topk_file)
+        kd = distillation.KD(weights={"label": 1.0}, **kd)
+        return distillation.build_teacher(kd, 256, create_partitioner())
+
+    assert isinstance(build(path, cross_tokenizer="span"), distillation.CrossTokenizerPieces)
+    cases = [
+        (dict(pieces=str(tmp_path / "no.jsonl"), cross_tokenizer="span"), "no such pieces file"),
+        (dict(pieces=path), r"is a teacher of another tokenizer: set KD.cross_tokenizer"),
+        (dict(cross_tokenizer="uld"), r"'uld' reads a pieces file: set teacher_pieces_path.path"),
+        (dict(pieces=path, cross_tokenizer="span", teacher="/t"), "not KD.teacher=/t: unset one"),
+        (dict(pieces=path, topk_file="/t.npz", cross_tokenizer="span"), "name two teachers"),
+        (dict(pieces=path, cross_tokenizer="span", on_policy_fraction=0.5),
+         r"cannot score the student's samples \(KD.on_policy_fraction=0.5\)"),
+        (dict(pieces=path, cross_tokenizer="span", topk=2), "unset KD.topk"),
+        (dict(pieces=path, cross_tokenizer="span", temperature=2.0), "has no temperature"),
+        (dict(pieces=path, cross_tokenizer="span", kind="skew_kl"), "not KD.kind='skew_kl'"),
+        (dict(pieces=path, cross_tokenizer="uld", kind="jsd"), "KD.kind='jsd' does not apply"),
+    ]  # fmt: skip
+    for kw, needle in cases:
+        with pytest.raises(UserError, match=needle) as e:
+            build(**kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"KD.cross_tokenizer='gold': expected one of"):
+        distillation.KD(weights={"label": 1.0}, cross_tokenizer="gold")
+    with pytest.raises(UserError, match="no such pieces file"):
+        cross_tokenizer.load(str(tmp_path / "no.jsonl"))
+    # An example the file lacks, and a file written for other target texts.
+    examples = [{"id": entries[0].id, "targets": entries[0].target}]
+    index = {(e.id, e.objective): e for e in entries}
+    cross_tokenizer.attach(examples, index, vocab, entries[0].objective, path)
+    with pytest.raises(UserError, match=r"no pieces entry for example 'arith-train-0' \(objec"):
+        cross_tokenizer.attach(examples, index, vocab, "other", path)
+    with pytest.raises(UserError, match="is '0' in the file but '7' in the records"):
+        cross_tokenizer.attach([{**examples[0], "targets": "7"}], index, vocab, "label", path)
+
+
+# ---- on-policy distillation (GKD) through gin -------------------------------------------------
+
+
+@pytest.mark.slow  # three short training runs with sampling in the step (about 60 s)
+def test_on_policy_run_through_gin_resumes_identically(tmp_path):
+    """kd/arith_kd.gin with KD.on_policy_fraction = 0.5 (a local teacher, unpacked): the student
+    samples half of each batch's targets (sampled_tokens > 0); stopped after 1 step and resumed,
+    every step's loss equals the uninterrupted run's (the samples' key is the step's)."""
+    from distill_sbs import train
+
+    teacher = save_tiny_checkpoint(str(tmp_path / "teacher"), ARITH_SPM, seed=1)
+    files = ["kd/arith_student.gin", "kd/arith_kd.gin"]
+    common = [f"TEACHER_DIR = '{teacher}'", "TRAIN_STEPS = 3", "train.pack = False",
+              "KD.on_policy_fraction = 0.5", "KD.kind = 'jsd'", "TASK_FEATURE_LENGTHS = "
+              "{'inputs': 64, 'targets': 40}"]  # fmt: skip
+    full, parts = str(tmp_path / "full"), str(tmp_path / "parts")
+    _parse(files, [*common, f"MODEL_DIR = '{full}'"])
+    train.train()
+    _parse(files, [*common, f"MODEL_DIR = '{parts}'", "train.stop_after_steps = 1"])
+    train.train()
+    _parse(files, [*common, f"MODEL_DIR = '{parts}'"])
+    train.train()
+    ref, got = _losses(full), _losses(parts)
+    assert ref[1]["rationale/sampled_tokens"] + ref[1]["label/sampled_tokens"] > 0
+    for step in (1, 2, 3):
+        np.testing.assert_allclose(got[step]["loss"], ref[step]["loss"], rtol=1e-6)
+        for name in ("label", "rationale"):
+            key = f"{name}/sampled_tokens"
+            assert got[step][key] == ref[step][key]
