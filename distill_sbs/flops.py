@@ -18,12 +18,16 @@ the optimizer are not counted.
 MFU = model FLOPs per second / (peak FLOP/s per device x devices). The peak comes from
 `PEAK_FLOPS` by `device.device_kind` (dense bf16 per JAX device, the usual MFU convention, also
 for float32 models, whose matmuls run at bf16 or TF32 rates there) or, on CPU and unknown kinds,
-is measured: the best rate of a float32 2048 x 2048 matmul at start-up.
+is measured: the best rate of a float32 2048 x 2048 matmul at start-up. `DISTILL_SBS_PEAK_FLOPS`
+(FLOP/s per device, e.g. 4e11), where set, is taken instead of both: a known peak for an unlisted
+accelerator, or a fixed one where the second of measuring at every start matters (the tests'
+many short runs).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Mapping
 
@@ -31,7 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_sbs.errors import UserError
 from distill_sbs.network import T5Config
+
+PEAK_FLOPS_ENV = "DISTILL_SBS_PEAK_FLOPS"
 
 # Dense bf16 peak FLOP/s per JAX device, by device_kind. TPU v2/v3 expose each core as a device
 # (half a chip); v4 and v5p expose one megacore chip; v5e/v6e ("lite") one single-core chip.
@@ -120,12 +127,26 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 3) -> float:
 
 
 def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where it came from: 'table: <kind>' or 'measured')."""
+    """(peak FLOP/s of one device, where it came from: 'DISTILL_SBS_PEAK_FLOPS', 'table: <kind>'
+    or 'measured: ...')."""
+    given = os.environ.get(PEAK_FLOPS_ENV, "")
+    if given:
+        return _given_peak(given), PEAK_FLOPS_ENV
     device = device or jax.local_devices()[0]
     kind = getattr(device, "device_kind", "")
     if kind in PEAK_FLOPS:
         return PEAK_FLOPS[kind], f"table: {kind}"
     return _measured_peak(kind or device.platform)
+
+
+def _given_peak(value: str) -> float:
+    try:
+        peak = float(value)
+    except ValueError:
+        peak = float("nan")
+    if not peak > 0 or peak == float("inf"):
+        raise UserError(f"{PEAK_FLOPS_ENV}={value!r}: not a positive number of FLOP/s per device")
+    return peak
 
 
 @functools.cache

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from distill_sbs import flops
+from distill_sbs.errors import UserError
 from distill_sbs.network import T5Config
 
 # Wide enough that matmuls dominate XLA's count (norms, softmax, activations are a few percent).
@@ -62,7 +63,8 @@ def test_sequence_lengths_of_packed_and_unpacked_batches():
     assert total == pytest.approx(expected) and tokens == 16
 
 
-def test_peak_comes_from_the_device_kind_table_or_is_measured():
+def test_peak_comes_from_the_device_kind_table_or_is_measured(monkeypatch):
+    monkeypatch.delenv(flops.PEAK_FLOPS_ENV, raising=False)  # conftest gives one to the suite
     tpu = types.SimpleNamespace(device_kind="TPU v4", platform="tpu")
     assert flops.peak_flops_per_device(tpu) == (275e12, "table: TPU v4")
     cpu = types.SimpleNamespace(device_kind="cpu", platform="cpu")
@@ -70,6 +72,21 @@ def test_peak_comes_from_the_device_kind_table_or_is_measured():
     assert source.startswith("measured") and 1e8 < peak < 1e14
     # measured once per process (a sweep trains all its runs in one): the same figure again
     assert flops.peak_flops_per_device(cpu) == (peak, source)
+
+
+def test_a_given_peak_is_taken_over_the_table_and_the_measurement(monkeypatch):
+    tpu = types.SimpleNamespace(device_kind="TPU v4", platform="tpu")
+    cpu = types.SimpleNamespace(device_kind="cpu", platform="cpu")
+    monkeypatch.setenv(flops.PEAK_FLOPS_ENV, "1.5e11")
+    for device in (tpu, cpu, None):
+        assert flops.peak_flops_per_device(device) == (1.5e11, "DISTILL_SBS_PEAK_FLOPS")
+    for bad in ("fast", "0", "-1e9", "inf", "nan"):
+        monkeypatch.setenv(flops.PEAK_FLOPS_ENV, bad)
+        with pytest.raises(UserError) as e:
+            flops.peak_flops_per_device(cpu)
+        assert str(e.value) == (
+            f"DISTILL_SBS_PEAK_FLOPS={bad!r}: not a positive number of FLOP/s per device"
+        )
 
 
 def test_log_line_and_metrics_file_carry_tokens_per_s_and_mfu(tmp_path, capsys):
