@@ -24,6 +24,10 @@ through losses.weighted_objective_loss(divergence=...)):
     uld_loss         ULD (Boizard et al. 2024): the L1 distance between the sorted top-k
                      probabilities of teacher position j and student position j (no vocabulary
                      mapping; the longer sequence's extra positions are left out).
+
+In training (gin: `teacher_pieces_path.path`, `KD.cross_tokenizer`), `attach` adds each train
+example's features, `encode`d as one int32 feature per target token that seqio packs like the
+tokens; distillation.CrossTokenizerPieces `decode_features` them in the train step.
 """
 
 from __future__ import annotations

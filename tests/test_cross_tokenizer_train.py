@@ -1,8 +1,9 @@
 """Cross-tokenizer KD through gin and `distill_sbs.train` (docs/distillation.md, "In training"): a
 pieces file named in gin (kd/arith_kd_pieces.gin) reaches the batches through the SeqIO
 pipeline, packed or not, and the first step's loss equals a numpy computation of CE + gamma *
-(span-aligned divergence or ULD) on the same batch; a stopped run resumes to the same losses;
-bad settings are one line each. Also a gin run of on-policy distillation (GKD) resumed."""
+(span-aligned divergence or ULD) on the same batch;
+bad settings are one line each. Also a gin run of on-policy distillation (GKD) stopped and
+resumed equals an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -243,33 +244,25 @@ def _first_batch_and_logits():
     return batch, np.asarray(logits)
 
 
-@pytest.mark.slow  # three short training runs (about 40 s)
-def test_span_run_through_gin_matches_numpy_and_resumes(pieces_file, tmp_path):
-    """kd/arith_kd_pieces.gin (span, forward KL), packed: the first step's loss is CE + 0.5 *
-    the span-aligned term computed in numpy; stopped after 1 step and resumed, steps 2 and 3
-    equal the uninterrupted run's."""
+@pytest.mark.slow  # one short training run
+def test_span_run_through_gin_packed_matches_numpy(pieces_file, tmp_path):
+    """kd/arith_kd_pieces.gin (span, forward KL), packed batches: the first step's loss is CE +
+    0.5 * the span-aligned term computed in numpy on the same batch."""
     from distill_sbs import train
 
     path, entries, vocab = pieces_file
-    files = ["kd/arith_student.gin", "kd/arith_kd_pieces.gin"]
-    common = [f"PIECES_FILE = '{path}'", "TRAIN_STEPS = 3"]
-    full, parts = str(tmp_path / "full"), str(tmp_path / "parts")
-    _parse(files, [*common, f"MODEL_DIR = '{full}'"])
+    model_dir = str(tmp_path / "span")
+    _parse(
+        ["kd/arith_student.gin", "kd/arith_kd_pieces.gin"],
+        [f"PIECES_FILE = '{path}'", "TRAIN_STEPS = 1", f"MODEL_DIR = '{model_dir}'"],
+    )
     train.train()
     batch, logits = _first_batch_and_logits()
     assert "decoder_segment_ids" in batch and "decoder_pieces" in batch  # packed, with features
-    ref = _losses(full)
+    got = _losses(model_dir)[1]
     want = _numpy_loss("span", batch, logits, _by_input(entries, vocab), vocab, (0.5, 0.5))
-    assert ref[1]["label/divergence"] > 0 and ref[1]["rationale/divergence"] > 0
-    np.testing.assert_allclose(ref[1]["loss"], want, rtol=1e-5)
-
-    _parse(files, [*common, f"MODEL_DIR = '{parts}'", "train.stop_after_steps = 1"])
-    train.train()
-    _parse(files, [*common, f"MODEL_DIR = '{parts}'"])
-    train.train()
-    got = _losses(parts)
-    for step in (1, 2, 3):
-        np.testing.assert_allclose(got[step]["loss"], ref[step]["loss"], rtol=1e-6)
+    assert got["label/divergence"] > 0 and got["rationale/divergence"] > 0
+    np.testing.assert_allclose(got["loss"], want, rtol=1e-5)
 
 
 @pytest.mark.slow  # one short training run
@@ -338,18 +331,18 @@ def test_bad_settings_and_files_are_one_line_each(pieces_file, tmp_path):
 # ---- on-policy distillation (GKD) through gin -------------------------------------------------
 
 
-@pytest.mark.slow  # three short training runs with sampling in the step (about 60 s)
+@pytest.mark.slow  # three short training runs with sampling in the step
 def test_on_policy_run_through_gin_resumes_identically(tmp_path):
     """kd/arith_kd.gin with KD.on_policy_fraction = 0.5 (a local teacher, unpacked): the student
     samples half of each batch's targets (sampled_tokens > 0); stopped after 1 step and resumed,
-    every step's loss equals the uninterrupted run's (the samples' key is the step's)."""
+    both steps' losses equal the uninterrupted run's (the samples' key is the step's)."""
     from distill_sbs import train
 
     teacher = save_tiny_checkpoint(str(tmp_path / "teacher"), ARITH_SPM, seed=1)
     files = ["kd/arith_student.gin", "kd/arith_kd.gin"]
-    common = [f"TEACHER_DIR = '{teacher}'", "TRAIN_STEPS = 3", "train.pack = False",
+    common = [f"TEACHER_DIR = '{teacher}'", "TRAIN_STEPS = 2", "train.pack = False",
               "KD.on_policy_fraction = 0.5", "KD.kind = 'jsd'", "TASK_FEATURE_LENGTHS = "
-              "{'inputs': 64, 'targets': 40}"]  # fmt: skip
+              "{'inputs': 64, 'targets': 32}"]  # fmt: skip
     full, parts = str(tmp_path / "full"), str(tmp_path / "parts")
     _parse(files, [*common, f"MODEL_DIR = '{full}'"])
     train.train()
@@ -359,7 +352,7 @@ def test_on_policy_run_through_gin_resumes_identically(tmp_path):
     train.train()
     ref, got = _losses(full), _losses(parts)
     assert ref[1]["rationale/sampled_tokens"] + ref[1]["label/sampled_tokens"] > 0
-    for step in (1, 2, 3):
+    for step in (1, 2):
         np.testing.assert_allclose(got[step]["loss"], ref[step]["loss"], rtol=1e-6)
         for name in ("label", "rationale"):
             key = f"{name}/sampled_tokens"
