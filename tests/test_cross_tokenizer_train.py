@@ -357,3 +357,38 @@ def test_on_policy_run_through_gin_resumes_identically(tmp_path):
         for name in ("label", "rationale"):
             key = f"{name}/sampled_tokens"
             assert got[step][key] == ref[step][key]
+
+
+@pytest.mark.slow  # compiles the loss at two batch shapes
+def test_microbatches_add_up_to_the_batch(pieces_file):
+    """The trainer's gradient accumulation: each microbatch decodes its own rows' features, and
+    with the full batch's token counts the microbatch losses sum to the batch's (packed)."""
+    from _tiny_t5 import tiny_config
+
+    from distill_sbs import data
+    from distill_sbs.losses import ObjectiveLoss
+    from distill_sbs.models import EncoderDecoderModel
+
+    path, _, _ = pieces_file
+    gin.bind_parameter("teacher_pieces_path.path", path)
+    ds = data.get_dataset(
+        "arith_dss", task_feature_lengths={"inputs": 64, "targets": 64}, split="train",
+        batch_size=4, shuffle=False, pack=True, repeat=False,
+    )  # fmt: skip
+    batch = jax.tree.map(jax.numpy.asarray, next(ds.as_numpy_iterator()))
+    model = EncoderDecoderModel(tiny_config())
+    params = model.init_params(jax.random.PRNGKey(0))
+    loss = ObjectiveLoss((0.5, 0.5), divergence_weights=(0.5, 0.5), divergence="jsd", beta=0.3)
+    teacher = distillation.CrossTokenizerPieces("span")
+    counts = loss.token_counts(batch)
+
+    @jax.jit
+    def value(b):
+        return model.loss_fn(params, b, None, loss, counts, teacher=teacher(None, b))
+
+    full, metrics = value(batch)
+    halves = [value(jax.tree.map(lambda x, i=i: x[i::2], batch)) for i in (0, 1)]
+    np.testing.assert_allclose(float(full), sum(float(h[0]) for h in halves), rtol=1e-6)
+    parts = halves[0][1]["div_sum"] + halves[1][1]["div_sum"]
+    np.testing.assert_allclose(metrics["div_sum"], parts, rtol=1e-5)
+    assert np.all(np.asarray(metrics["div_sum"]) > 0)
