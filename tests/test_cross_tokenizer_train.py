@@ -1,9 +1,9 @@
 """Cross-tokenizer KD through gin and `distill_sbs.train` (docs/distillation.md, "In training"): a
 pieces file named in gin (kd/arith_kd_pieces.gin) reaches the batches through the SeqIO
-pipeline, packed or not, and the first step's loss equals a numpy computation of CE + gamma *
-(span-aligned divergence or ULD) on the same batch;
-bad settings are one line each. Also a gin run of on-policy distillation (GKD) stopped and
-resumed equals an uninterrupted one."""
+pipeline, packed or not; the first step's loss equals a numpy computation of CE + gamma *
+(span-aligned divergence or ULD) on the same batch; microbatches add up; bad settings are one
+line each. Also a gin run of on-policy distillation (GKD) stopped and resumed equals an
+uninterrupted one."""
 
 from __future__ import annotations
 
