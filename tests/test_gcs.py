@@ -106,6 +106,18 @@ def _run(args: list[str], env: dict[str, str], cwd, timeout: float = 300):
     )
 
 
+def _start(args: list[str], env: dict[str, str], cwd) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _wait(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def _fresh() -> None:
     """Drops gcsfs's cached listings and sizes: files here are written by other processes."""
     import gcsfs
@@ -228,44 +240,44 @@ def test_gs_cycle(gcs, tmp_path, repo_dir):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
-    evaluated = _run(
-        ["-m", "distill_sbs.eval", "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_PATH='{run}'",
-         "--gin.MIXTURE_OR_TASK_NAME='arith_dss'", "--gin.BATCH_SIZE=8",
-         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
-         f"--gin.OUTPUT_DIR='gs://{BUCKET}/eval'"],
-        gcs, repo_dir,
-    )  # fmt: skip
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    # eval, infer and native-to-hf read the finished run at once (start-up is mostly one
+    # thread: together they use both cores), and the server starts while they run
+    out, hf = f"gs://{BUCKET}/infer/out.jsonl", f"gs://{BUCKET}/hf"
+    procs = {
+        "eval": ["-m", "distill_sbs.eval", "--gin_file=runs/eval.gin",
+                 f"--gin.CHECKPOINT_PATH='{run}'", "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
+                 "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+                 f"--gin.OUTPUT_DIR='gs://{BUCKET}/eval'"],
+        "infer": ["-m", "distill_sbs.infer", "--gin_file=runs/infer.gin",
+                  f"--gin.CHECKPOINT_PATH='{run}'", "--gin.MIXTURE_OR_TASK_NAME='arith_dss'",
+                  "--gin.INPUT_LENGTH=64", "--gin.MAX_DECODE_LENGTH=8", "--gin.BATCH_SIZE=8",
+                  f"--gin.OUTPUT_FILE='{out}'"],
+        "convert": ["-m", "distill_sbs.convert", "native-to-hf", "--checkpoint", run, "--out", hf],
+    }  # fmt: skip
+    procs = {name: _start(args, gcs, repo_dir) for name, args in procs.items()}
+    try:
+        answer = _serve_one_request(run, gcs, repo_dir, tmp_path / "serve.log")
+        done = {name: _wait(proc) for name, proc in procs.items()}
+    finally:  # a failed check leaves no process behind
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert answer["choices"][0]["text"] is not None
+    assert answer["usage"]["completion_tokens"] >= 1
+
+    for name, proc in done.items():
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
     _fresh()
     metrics = storage.read_json(f"gs://{BUCKET}/eval/metrics.json")
     assert metrics["checkpoint"] == run
-
-    out = f"gs://{BUCKET}/infer/out.jsonl"
-    inferred = _run(
-        ["-m", "distill_sbs.infer", "--gin_file=runs/infer.gin", f"--gin.CHECKPOINT_PATH='{run}'",
-         "--gin.MIXTURE_OR_TASK_NAME='arith_dss'", "--gin.INPUT_LENGTH=64",
-         "--gin.MAX_DECODE_LENGTH=8", "--gin.BATCH_SIZE=8", f"--gin.OUTPUT_FILE='{out}'"],
-        gcs, repo_dir,
-    )  # fmt: skip
-    assert inferred.returncode == 0, inferred.stderr[-3000:]
     _fresh()
     rows = [json.loads(x) for x in storage.read_text(out).splitlines()]
     assert rows and all(isinstance(r["prediction"], str) for r in rows), rows[:2]
-
-    hf = f"gs://{BUCKET}/hf"
-    converted = _run(
-        ["-m", "distill_sbs.convert", "native-to-hf", "--checkpoint", run, "--out", hf],
-        gcs, repo_dir,
-    )  # fmt: skip
-    assert converted.returncode == 0, converted.stderr[-3000:]
     _fresh()
     _, hf_params = distill_sbs.load(hf)
     for a, b in zip(jax.tree.leaves(hf_params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-    answer = _serve_one_request(run, gcs, repo_dir, tmp_path / "serve.log")
-    assert answer["choices"][0]["text"] is not None
-    assert answer["usage"]["completion_tokens"] >= 1
 
 
 def _timed(fn, limit_s: float = 30.0):
