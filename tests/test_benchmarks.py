@@ -16,17 +16,25 @@ from _no_tensorflow import random_examples, train_losses
 LENGTHS = {"inputs": 32, "targets": 16}
 
 
-def _run(args: list[str], env: dict[str, str], cwd) -> str:
-    proc = subprocess.run(
+def _start(args: list[str], env: dict[str, str], cwd) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "_no_tensorflow", *args],
         env=env,
         cwd=cwd,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc.stdout
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    return stdout
+
+
+def _run(args: list[str], env: dict[str, str], cwd) -> str:
+    return _finish(_start(args, env, cwd))
 
 
 def _seqio_batches(examples: list[dict]) -> list[dict]:
@@ -56,9 +64,14 @@ losses = train_losses(batches.build_batches(examples, {LENGTHS!r}, batch_size=4)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 print(json.dumps({{"losses": losses, "loaded": loaded}}))
 """
-    out = json.loads(_run(["-c", code], subprocess_env, repo_dir).strip().splitlines()[-1])
+    proc = _start(["-c", code], subprocess_env, repo_dir)
+    try:  # this side trains while the subprocess starts and trains (both cores)
+        expected = train_losses(_seqio_batches(random_examples(40, LENGTHS)))
+    except BaseException:
+        proc.kill()
+        raise
+    out = json.loads(_finish(proc).strip().splitlines()[-1])
     assert out["loaded"] == []
-    expected = train_losses(_seqio_batches(random_examples(40, LENGTHS)))
     assert len(expected) >= 3
     assert len(set(expected)) == len(expected)  # the steps train: the loss moves
     np.testing.assert_allclose(out["losses"], expected, rtol=1e-6)
