@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from _no_tensorflow import random_examples, train_losses
 
@@ -31,10 +32,6 @@ def _finish(proc: subprocess.Popen) -> str:
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
     return stdout
-
-
-def _run(args: list[str], env: dict[str, str], cwd) -> str:
-    return _finish(_start(args, env, cwd))
 
 
 def _seqio_batches(examples: list[dict]) -> list[dict]:
@@ -77,12 +74,48 @@ print(json.dumps({{"losses": losses, "loaded": loaded}}))
     np.testing.assert_allclose(out["losses"], expected, rtol=1e-6)
 
 
-def test_train_benchmark_fixed_shapes_without_tensorflow(subprocess_env, repo_dir, tmp_path):
-    out = tmp_path / "train.json"
+@pytest.fixture(scope="module")
+def benchmark_runs(subprocess_env, repo_dir, tmp_path_factory):
+    """The training benchmark's mode (a) and the device check's dry run, started together (most
+    of each is start-up on one thread: together they use both cores); each test waits for its
+    own. Output to files: one process blocked on a full pipe would wait for the other."""
+    out = tmp_path_factory.mktemp("benchmarks")
     flags = "--mode a --steps 1 --warmup 1 --rounds 1 --batch 2 --input_length 16"
-    flags += f" --label_length 4 --rationale_length 8 --threads 0 --json_out {out}"
-    _run(["benchmarks/train_benchmark.py", *flags.split()], subprocess_env, repo_dir)
-    a = json.loads(out.read_text())["a"]
+    flags += f" --label_length 4 --rationale_length 8 --threads 0 --json_out {out}/train.json"
+    device = ["--dry_run", "--sizes", "small", "--json_out", f"{out}/device.json"]
+    args = {
+        "train": ["benchmarks/train_benchmark.py", *flags.split()],
+        "device": ["benchmarks/device_check.py", *device],
+    }
+    runs = {}
+    for name, run_args in args.items():
+        stdout, stderr = (open(out / f"{name}.{n}", "w+") for n in ("out", "err"))  # noqa: SIM115
+        cmd = [sys.executable, "-m", "_no_tensorflow", *run_args]
+        proc = subprocess.Popen(
+            cmd, env=subprocess_env, cwd=repo_dir, stdout=stdout, stderr=stderr, text=True
+        )
+        runs[name] = (proc, stdout, stderr)
+    yield out, runs
+    for proc, stdout, stderr in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stdout.close(), stderr.close()
+
+
+def _finished(runs: dict, name: str) -> str:
+    proc, stdout, stderr = runs[name]
+    returncode = proc.wait(timeout=600)
+    stdout.seek(0), stderr.seek(0)
+    printed = stdout.read()
+    assert returncode == 0, printed[-3000:] + stderr.read()[-5000:]
+    return printed
+
+
+def test_train_benchmark_fixed_shapes_without_tensorflow(benchmark_runs):
+    out, runs = benchmark_runs
+    _finished(runs, "train")
+    a = json.loads((out / "train.json").read_text())["a"]
     assert a["ours"]["batch_shapes"]["encoder_input_tokens"] == [2, 32]
     assert a["ours"]["batch_shapes"]["decoder_target_tokens"] == [2, 12]
     for side in ("ours", "reference"):
@@ -91,11 +124,10 @@ def test_train_benchmark_fixed_shapes_without_tensorflow(subprocess_env, repo_di
     assert np.isfinite(a["ours"]["final_mean_loss"])
 
 
-def test_device_check_dry_run(subprocess_env, repo_dir, tmp_path):
-    out = tmp_path / "device.json"
-    args = ["benchmarks/device_check.py", "--dry_run", "--sizes", "small", "--json_out", str(out)]
-    printed = _run(args, subprocess_env, repo_dir)
-    result = json.loads(out.read_text())
+def test_device_check_dry_run(benchmark_runs):
+    out, runs = benchmark_runs
+    printed = _finished(runs, "device")
+    result = json.loads((out / "device.json").read_text())
     assert "small ratio ours/reference" in printed and "small decode" in printed
     assert result["configs"]["small"]["emb_dim"] == 512
     assert result["peak_flops_per_s"] > 0
