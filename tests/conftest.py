@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
 
 from distill_sbs import cpu_host
 
@@ -69,3 +70,41 @@ def subprocess_env(tmp_path_factory) -> dict[str, str]:
 def tiny_t5_config() -> T5Config:
     """The one-layer tiny T5 1.1 of _tiny_t5.tiny_config() (vocabulary 256)."""
     return tiny_config()
+
+
+class Background:
+    """Subprocesses started by one test module for a later one, so that they run beside other
+    work: most of a subprocess's time is start-up and compiling on one thread, and the machine
+    has two cores. Output goes to files (a full pipe would stall a process nobody reads yet)."""
+
+    def __init__(self, out_dir: pathlib.Path) -> None:
+        self.out_dir = out_dir
+        self.runs: dict[str, tuple[subprocess.Popen, pathlib.Path]] = {}
+
+    def start(self, key: str, cmd: list[str], env: dict[str, str], cwd) -> None:
+        """Starts `cmd` under `key` unless a process under that key was started already."""
+        if key in self.runs:
+            return
+        out = self.out_dir / key
+        with open(f"{out}.out", "w") as stdout, open(f"{out}.err", "w") as stderr:
+            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=stdout, stderr=stderr)
+        self.runs[key] = (proc, out)
+
+    def wait(self, key: str, timeout: float) -> subprocess.CompletedProcess:
+        proc, out = self.runs[key]
+        proc.wait(timeout=timeout)
+        stdout, stderr = (pathlib.Path(f"{out}.{n}").read_text() for n in ("out", "err"))
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    def close(self) -> None:
+        for proc, _ in self.runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def background(tmp_path_factory):
+    runs = Background(tmp_path_factory.mktemp("background"))
+    yield runs
+    runs.close()

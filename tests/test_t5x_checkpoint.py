@@ -25,6 +25,7 @@ import sys
 import gin
 import numpy as np
 import pytest
+import test_t5x_model
 from _shared_data import REPO, SHARED
 
 from distill_sbs import checkpoints, t5x_checkpoint
@@ -211,9 +212,11 @@ def _run(script: str, arg: str, env: dict[str, str], cwd) -> dict:
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory, subprocess_env, repo_dir) -> tuple[dict, str]:
+def upstream(tmp_path_factory, subprocess_env, repo_dir, background) -> tuple[dict, str]:
     if not (UPSTREAM / "t5x" / "checkpoints.py").is_file():
         pytest.fail(f"upstream T5X is not at {UPSTREAM} (../shared/upstream)")
+    # test_t5x_model's upstream run starts beside this one (its module reads the result)
+    test_t5x_model.start(background, subprocess_env, tmp_path_factory.mktemp("t5x_model"))
     root = tmp_path_factory.mktemp("t5x")
     env = dict(subprocess_env)
     env["PYTHONPATH"] = os.pathsep.join([str(UPSTREAM), env["PYTHONPATH"]])

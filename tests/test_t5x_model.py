@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -80,18 +79,21 @@ print("RESULT " + json.dumps(result))
 """
 
 
-@pytest.fixture(scope="module")
-def result(subprocess_env, repo_dir, tmp_path_factory) -> dict:
+def start(background, subprocess_env: dict[str, str], out_dir) -> None:
+    """Starts the upstream script (once; test_t5x_checkpoint starts it beside its own)."""
     if not (UPSTREAM / "t5x" / "trainer.py").is_file():
         pytest.fail(f"upstream T5X is not at {UPSTREAM} (../shared/upstream)")
     env = dict(subprocess_env)
     env["PYTHONPATH"] = os.pathsep.join([str(UPSTREAM), env["PYTHONPATH"]])
     gin_dir = str(REPO / "distill_sbs" / "gin")
-    r = subprocess.run(
-        [sys.executable, "-c", SCRIPT, gin_dir, str(UPSTREAM)],
-        capture_output=True, text=True, env=env, timeout=900,
-        cwd=tmp_path_factory.mktemp("t5x_model"),
-    )  # fmt: skip
+    cmd = [sys.executable, "-c", SCRIPT, gin_dir, str(UPSTREAM)]
+    background.start("t5x_model", cmd, env, out_dir)
+
+
+@pytest.fixture(scope="module")
+def result(background, subprocess_env, tmp_path_factory) -> dict:
+    start(background, subprocess_env, tmp_path_factory.mktemp("t5x_model"))
+    r = background.wait("t5x_model", timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
