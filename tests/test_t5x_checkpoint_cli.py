@@ -94,16 +94,31 @@ def tiny_t5x(tmp_path) -> tuple[str, dict]:
 def test_initial_checkpoint_path_reads_a_t5x_checkpoint(tmp_path, env, tiny_t5x):
     path, _ = tiny_t5x
 
-    def train(model_gin: str, run: str) -> subprocess.CompletedProcess:
+    def train(model_gin: str, run: str) -> subprocess.Popen:
         args = [
             *TRAIN,
             f"--gin_file=models/{model_gin}",
             f"--gin.MODEL_DIR='{tmp_path}/{run}'",
             f"--gin.INITIAL_CHECKPOINT_PATH='{path}'",
         ]
-        return _run("train", args, env, tmp_path)
+        return subprocess.Popen(
+            [sys.executable, "-m", "distill_sbs.train", *args], env=env, cwd=str(tmp_path),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
 
-    r = train("t5_1_1_tiny.gin", "run")
+    def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+        stdout, stderr = proc.communicate(timeout=900)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    # both runs at once (start-up is mostly one thread)
+    runs = [train("t5_1_1_tiny.gin", "run"), train("t5_1_0_tiny.gin", "run2")]
+    try:
+        r, r2 = (finish(p) for p in runs)
+    finally:
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"initialised from {path}" in r.stdout
     # bfloat16 on disk, float32 in the run, unchanged by a step at learning rate 0
@@ -112,6 +127,5 @@ def test_initial_checkpoint_path_reads_a_t5x_checkpoint(tmp_path, env, tiny_t5x)
     assert sorted(want) == sorted(got)
     assert all(got[k].tobytes() == want[k].tobytes() for k in want)
     # the same checkpoint under a gin model of another shape: one line naming what disagrees
-    r = train("t5_1_0_tiny.gin", "run2")
-    _one_line_error(r, "the gin model says")
-    assert "logits_via_embedding=True" in r.stderr and "mlp_activations=('relu',)" in r.stderr
+    _one_line_error(r2, "the gin model says")
+    assert "logits_via_embedding=True" in r2.stderr and "mlp_activations=('relu',)" in r2.stderr
