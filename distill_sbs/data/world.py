@@ -75,7 +75,7 @@ def _names(rng: random.Random) -> tuple[list[str], list[str]]:
     assert NUM_SEEN == 2 * n and NUM_ENTITIES <= n * n
     while True:
         p1, p2 = rng.sample(range(n), n), rng.sample(range(n), n)
-        if all(a != b for a, b in zip(p1, p2)):
+        if all(a != b for a, b in zip(p1, p2, strict=True)):
             break
     seen = {(i, p1[i]) for i in range(n)} | {(i, p2[i]) for i in range(n)}
     rest = sorted(set(itertools.product(range(n), repeat=2)) - seen)
