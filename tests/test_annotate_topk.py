@@ -220,7 +220,7 @@ def test_token_text_names_ids_without_a_piece(t5_vocab):
 
 @pytest.fixture(scope="module")
 def world_teacher(tmp_path_factory):
-    """A tiny T5 over the world's 1,024-piece SentencePiece: another vocabulary than arith's 256."""
+    """A tiny T5 over the world's SentencePiece (709 ids): another vocabulary than arith's 256."""
     import distill_sbs
     from distill_sbs.data.world import VOCAB_FILE
 
