@@ -2,7 +2,7 @@
 
     python -m distill_sbs.cloze --checkpoint=/tmp/distill_sbs_world_pretrain [--output=r.json]
 
-For each probe of distill_sbs.data.world.cloze_probes() ("The bamor lives in the <extra_id_0>.")
+For each probe of distill_sbs.data.world.cloze_probes() ("The dufa lives in the <extra_id_0>.")
 every value of the attribute is scored as the span-corruption target "<extra_id_0> desert
 <extra_id_1>" (teacher-forced log-likelihood, EOS included); the best is the student's answer.
 Recall is the fraction right, per phrasing (from the corpus / held out of it), group (entities

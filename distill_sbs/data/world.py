@@ -218,7 +218,7 @@ class ClozeProbe:
 
 
 # The corpus phrasing each probe uses: one whose words before the value name the attribute ("The
-# bamor is <X> in size." would read "The bamor is" as the start of "one of the birds" too).
+# dufa is <X> in size." would read "The dufa is" as the start of "one of the birds" too).
 PROBE_TEMPLATES = {"class": 0, "habitat": 0, "size": 2, "diet": 0}
 
 
