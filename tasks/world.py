@@ -1,15 +1,18 @@
 """The embedded world (docs/world.md; no external files): `world_<method>` for every method and
-`world_span_corruption`, T5's span-corruption pretraining over the world's encyclopedia corpus.
+`world_span_corruption`, T5's span-corruption pretraining over the world's encyclopedia corpus,
+`world_facts`, single-fact questions about every entity, and `world_pretraining`, the two mixed.
 
 Generated deterministically by distill_sbs.data.world: train 400 problems over 40 "seen"
 animals, test 1,200 (600 over seen animals, 600 over animals only the corpus describes), two
 teachers "alpha" and "beta" about 12% wrong; vocabulary distill_sbs.data.world.vocabulary()
-(1,124 ids with 100 sentinels). Suggested task_feature_lengths: {"inputs": 64, "targets": 64}
+(709 ids with 100 sentinels). Suggested task_feature_lengths: {"inputs": 64, "targets": 64}
 for the tasks, {"inputs": 128, "targets": 32} for pretraining (gin/world/pretrain.gin).
 """
 
+import seqio
+
 from distill_sbs.data import register_dataset, world
-from distill_sbs.data.pretraining import register_span_corruption_task
+from distill_sbs.data.pretraining import register_span_corruption_task, register_text_pairs_task
 
 NAMES = register_dataset(
     "world",
@@ -25,3 +28,14 @@ PRETRAINING = register_span_corruption_task(
     documents=world.corpus_split,
     splits=("train", "validation"),
 )
+FACTS = register_text_pairs_task(
+    "world_facts",
+    vocabulary=world.vocabulary(),
+    pairs=world.fact_questions,
+    splits=("train", "validation"),
+)
+# The pretraining mixture (docs/world.md "Third design"): span corruption of the corpus beside the
+# single-fact questions, mixed at equal rates (4,800 documents, 3,846 questions).
+seqio.MixtureRegistry.remove("world_pretraining")
+seqio.MixtureRegistry.add("world_pretraining", [(PRETRAINING, 1.0), (FACTS, 1.0)])
+PRETRAINING_MIXTURE = "world_pretraining"

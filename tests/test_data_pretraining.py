@@ -249,6 +249,47 @@ def test_batches_are_packed():
     assert (batch["decoder_objective_ids"] == 0).all()
 
 
+def test_pretraining_mixture_packs_corrupted_documents_beside_fact_questions():
+    vocab = world.vocabulary()
+    batch = next(
+        get_dataset(
+            "world_pretraining",
+            task_feature_lengths={"inputs": 128, "targets": 32},
+            split="train",
+            batch_size=16,
+            seed=0,
+        ).as_numpy_iterator()
+    )
+    assert (batch["decoder_objective_ids"] == 0).all()  # one objective: plain pretraining
+    questions = {q for q, _ in world.fact_questions("train")}
+    answers = {a for _, a in world.fact_questions("train")}
+    sentinel = vocab.vocab_size - 1
+    kinds = Counter()
+    for row in range(16):
+        for segment in range(1, batch["encoder_segment_ids"][row].max() + 1):
+            ids = batch["encoder_input_tokens"][row][batch["encoder_segment_ids"][row] == segment]
+            target = batch["decoder_target_tokens"][row][
+                batch["decoder_segment_ids"][row] == segment
+            ]
+            text = vocab.decode(ids.tolist())
+            if sentinel in ids:  # a corrupted document
+                kinds["document"] += 1
+            else:  # a fact question, its answer the target as written
+                assert text in questions and vocab.decode(target.tolist()) in answers, text
+                kinds["question"] += 1
+    assert kinds["document"] >= 16 and kinds["question"] >= 16, kinds
+
+
+def test_text_pairs_task_refuses_an_empty_split():
+    pretraining.register_text_pairs_task(
+        "t_pairs_empty", vocabulary=world.vocabulary(), pairs=lambda split: ()
+    )
+    with pytest.raises(ValueError, match="no examples on split 'train'"):
+        seqio.get_mixture_or_task("t_pairs_empty").get_dataset(
+            {"inputs": 16, "targets": 16}, split="train"
+        )
+
+
 def test_bad_sources_are_refused(tmp_path):
     vocab = world.vocabulary()
     path = tmp_path / "c.jsonl"

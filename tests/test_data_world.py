@@ -127,6 +127,42 @@ def test_corpus_states_every_fact_without_the_probe_traps():
         assert followers == values, (attribute, followers)
 
 
+def test_fact_questions_state_each_entitys_facts_in_the_corpus_phrasings():
+    text = " ".join(world.corpus())
+    value_words = {v for a in world.VALUES for v in world.VALUES[a]} | set(PLURAL)
+    for split in ("train", "validation"):
+        pairs = world.fact_questions(split)
+        per_entity = Counter(_names(q).pop() for q, _ in pairs)
+        assert set(per_entity) == set(E)
+        for question, answer in pairs:
+            (name,) = _names(question)
+            assert _names(answer) >= {name}  # the answer names the asked animal
+            e = E[name]
+            if "hunt" in question:
+                assert e.prey and e.prey in _names(answer)
+                value, attribute = e.prey, "prey"
+            else:
+                (value,) = [w for w in re.findall(r"\w+", answer) if w in value_words]
+                attribute = {e.cls: "class", e.habitat: "habitat", e.size: "size"}.get(
+                    PLURAL.get(value, value), "diet"
+                )
+                assert PLURAL.get(value, value) == e.value(attribute), answer
+            # train answers in the corpus's phrasings, validation ones in the held-out phrasing
+            shape = re.sub(rf"\b{value}\b", "{v}", re.sub(rf"\b{name}\b", "{e}", answer))
+            if split == "train":
+                assert shape in world.CORPUS_TEMPLATES[attribute], answer
+            else:
+                assert shape == world.HELD_OUT_TEMPLATES[attribute] and answer not in text
+    # every fact of every entity, in every corpus phrasing: no more, no fewer
+    expected = sum(
+        len(world.CORPUS_TEMPLATES[a]) for e in world.entities() for a in world._attributes(e)
+    )
+    assert len(world.fact_questions("train")) == expected
+    # none of the labelled tasks' questions is a fact question
+    labelled = {r.input for s in world.SIZES for r in world.generate(s)}
+    assert not labelled & {q for q, _ in world.fact_questions("train")}
+
+
 def test_cloze_probes():
     probes = world.cloze_probes()
     assert len(probes) == 240 * 4 * 2

@@ -342,3 +342,63 @@ def register_span_corruption_task(
         shuffle_buffer_size=shuffle_buffer_size,
     )
     return name
+
+
+def _pairs_source(pairs: Callable[[str], Sequence[tuple[str, str]]], splits: Sequence[str]):
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        del shuffle_files, seed  # the task shuffles
+        rows = list(pairs(split))
+        if not rows:
+            raise ValueError(f"no examples on split {split!r}")
+        inputs, targets = zip(*rows, strict=True)
+        return tf.data.Dataset.from_tensor_slices(
+            {"inputs": tf.constant(inputs, tf.string), "targets": tf.constant(targets, tf.string)}
+        )
+
+    return seqio.FunctionDataSource(dataset_fn, splits=tuple(splits))
+
+
+def _one_objective(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    return dataset.map(
+        lambda ex: {**ex, OBJECTIVE_FEATURE: tf.constant([0])},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def register_text_pairs_task(
+    name: str,
+    *,
+    vocabulary: seqio.Vocabulary,
+    pairs: Callable[[str], Sequence[tuple[str, str]]],
+    splits: Sequence[str] = ("train",),
+    shuffle_buffer_size: int = 10_000,
+) -> str:
+    """Registers (replacing) the SeqIO task `name` of (inputs, targets) texts from memory (split
+    -> pairs), one objective like a span-corruption task, so that the two mix in one
+    `seqio.Mixture` for pretraining (e.g. span corruption beside supervised questions, as
+    T5's multi-task pretraining and Flan mix them); returns it."""
+    feature = functools.partial(seqio.Feature, vocabulary=vocabulary, add_eos=True)
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name,
+        source=_pairs_source(pairs, splits),
+        preprocessors=[
+            seqio.preprocessors.tokenize,
+            seqio.CacheDatasetPlaceholder(),
+            _one_objective,
+            seqio.preprocessors.append_eos_after_trim,
+        ],
+        output_features={
+            "inputs": feature(),
+            "targets": feature(),
+            OBJECTIVE_FEATURE: seqio.Feature(
+                vocabulary=seqio.PassThroughVocabulary(size=0),
+                add_eos=False,
+                dtype=tf.int32,
+                rank=1,
+            ),
+        },
+        metric_fns=[],
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+    return name

@@ -201,6 +201,37 @@ def corpus_split(split: str) -> tuple[str, ...]:
     raise ValueError(f"the world corpus has splits train, validation; not {split!r}")
 
 
+# ---- fact questions ----------------------------------------------------------------------------
+# Single-fact questions about every entity, answered with a corpus sentence (a Flan-like stage of
+# pretraining, docs/world.md "Third design"): what they teach is to copy the asked entity's name
+# from the input and to state one of its facts, for all 240 entities. The labelled tasks' question
+# kinds (count, compare, two-hop) never appear here.
+
+FACT_QUESTIONS = {
+    "class": "Which animals is the {e} one of?",
+    "habitat": "Where does the {e} live?",
+    "size": "How big is the {e}?",
+    "diet": "What does the {e} feed on?",
+    "prey": "Which animal does the {e} hunt?",
+}
+
+
+def fact_questions(split: str) -> tuple[tuple[str, str], ...]:
+    """(question, answer) pairs: "train" answers each fact of every entity in every corpus
+    phrasing, "validation" in the held-out phrasing (a loss on answers never trained on)."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"the world's fact questions have splits train, validation; not {split!r}")
+    pairs = []
+    for e in entities():
+        for attribute in _attributes(e):
+            question = FACT_QUESTIONS[attribute].format(e=e.name)
+            templates = (
+                CORPUS_TEMPLATES[attribute] if split == "train" else [HELD_OUT_TEMPLATES[attribute]]
+            )
+            pairs += [(question, fact(e, attribute, t)) for t in templates]
+    return tuple(pairs)
+
+
 # ---- cloze probes ------------------------------------------------------------------------------
 
 SENTINEL = "<extra_id_0>"
