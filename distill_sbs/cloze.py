@@ -5,10 +5,12 @@
 For each probe of distill_sbs.data.world.cloze_probes() ("The dufa lives in the <extra_id_0>.")
 every value of the attribute is scored as the span-corruption target "<extra_id_0> desert
 <extra_id_1>" (teacher-forced log-likelihood, EOS included); the best is the student's answer.
-Recall is the fraction right, per phrasing (from the corpus / held out of it), group (entities
-seen in labelled train / only in the corpus) and attribute, beside chance (1 / number of values)
-and the share of the attribute's most common value (what a student that knows only value
-frequencies gets).
+A fact question ("Where does the dufa live?", the pretraining's `world_facts`) scores instead
+the answer sentence in the corpus's first phrasing with each value ("The dufa lives in the
+desert."). Recall is the fraction right, per phrasing (from the corpus / held out of it /
+question), group (entities seen in labelled train / only in the corpus) and attribute, beside
+chance (1 / number of values) and the share of the attribute's most common value (what a
+student that knows only value frequencies gets).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def cloze_recall(
     "majority/<attribute>": %, "recall": % over all probes}."""
     probes = list(world.cloze_probes() if probes is None else probes)
     inputs = [p.text for p in probes for _ in p.choices]
-    targets = [f"{world.SENTINEL} {c} <extra_id_1>" for p in probes for c in p.choices]
+    targets = [t for p in probes for t in p.targets]
     scores = score_pairs(model, params, inputs, targets)
     hits: dict[str, list[bool]] = collections.defaultdict(list)
     start = 0

@@ -165,9 +165,17 @@ def test_fact_questions_state_each_entitys_facts_in_the_corpus_phrasings():
 
 def test_cloze_probes():
     probes = world.cloze_probes()
-    assert len(probes) == 240 * 4 * 2
+    assert len(probes) == 240 * 4 * 3
     for p in probes:
-        assert p.text.count(world.SENTINEL) == 1 and p.answer in p.choices
+        assert p.answer in p.choices and len(p.targets) == len(p.choices)
+        if p.phrasing == "question":
+            assert world.SENTINEL not in p.text and _names(p.text) == {p.entity}
+            assert all(
+                c in t and _names(t) == {p.entity}
+                for c, t in zip(p.choices, p.targets, strict=True)
+            )
+        else:
+            assert p.text.count(world.SENTINEL) == 1
         assert (world.CLASSES[E[p.entity].cls] if p.attribute == "class"
                 else E[p.entity].value(p.attribute)) == p.answer  # fmt: skip
 

@@ -241,9 +241,10 @@ SENTINEL = "<extra_id_0>"
 class ClozeProbe:
     entity: str
     attribute: str  # class, habitat, size or diet
-    phrasing: str  # "corpus" (PROBE_TEMPLATES) or "held_out" (never in the corpus)
-    text: str  # the fact with its value replaced by SENTINEL
+    phrasing: str  # "corpus" (PROBE_TEMPLATES), "held_out" (never in the corpus) or "question"
+    text: str  # the input: the fact with its value replaced by SENTINEL, or the fact question
     choices: tuple[str, ...]  # the attribute's values as written
+    targets: tuple[str, ...]  # per choice, the target text scored
     answer: str
     seen: bool
 
@@ -254,18 +255,30 @@ PROBE_TEMPLATES = {"class": 0, "habitat": 0, "size": 2, "diet": 0}
 
 
 def cloze_probes() -> list[ClozeProbe]:
-    """One probe per entity, attribute (not prey) and phrasing (PROBE_TEMPLATES', held out)."""
+    """Per entity and attribute (not prey): the span-corruption cloze in PROBE_TEMPLATES' and in
+    the held-out phrasing (target "<extra_id_0> value <extra_id_1>"), and the fact question
+    (FACT_QUESTIONS; target the first corpus phrasing's sentence with each value)."""
     out = []
     for e in entities():
         for attribute in VALUES:
             choices = tuple(_value_text(attribute, v) for v in VALUES[attribute])
             answer = _value_text(attribute, e.value(attribute))
+            cloze = tuple(f"{SENTINEL} {c} <extra_id_1>" for c in choices)
             for phrasing, template in (
                 ("corpus", CORPUS_TEMPLATES[attribute][PROBE_TEMPLATES[attribute]]),
                 ("held_out", HELD_OUT_TEMPLATES[attribute]),
             ):
                 text = template.format(e=e.name, v=SENTINEL)
-                out.append(ClozeProbe(e.name, attribute, phrasing, text, choices, answer, e.seen))
+                out.append(
+                    ClozeProbe(e.name, attribute, phrasing, text, choices, cloze, answer, e.seen)
+                )
+            sentences = tuple(CORPUS_TEMPLATES[attribute][0].format(e=e.name, v=c) for c in choices)
+            question = FACT_QUESTIONS[attribute].format(e=e.name)
+            out.append(
+                ClozeProbe(
+                    e.name, attribute, "question", question, choices, sentences, answer, e.seen
+                )
+            )
     return out
 
 
