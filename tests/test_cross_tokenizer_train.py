@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import gin
 import jax
@@ -244,22 +246,35 @@ def _first_batch_and_logits():
     return batch, np.asarray(logits)
 
 
-@pytest.mark.slow  # one short training run
-def test_span_run_through_gin_packed_matches_numpy(pieces_file, tmp_path):
-    """kd/arith_kd_pieces.gin (span, forward KL), packed batches: the first step's loss is CE +
-    0.5 * the span-aligned term computed in numpy on the same batch."""
+SPAN_RUN = ["kd/arith_student.gin", "kd/arith_kd_pieces.gin"]
+
+
+def _span_bindings(pieces: str, model_dir: str) -> list[str]:
+    return [f"PIECES_FILE = '{pieces}'", "TRAIN_STEPS = 2", f"MODEL_DIR = '{model_dir}'"]
+
+
+@pytest.fixture(scope="module")
+def span_run(pieces_file, tmp_path_factory) -> str:
+    """MODEL_DIR of kd/arith_kd_pieces.gin (span, forward KL, packed), 2 steps uninterrupted:
+    the reference of the tests below (one run shared)."""
     from distill_sbs import train
 
-    path, entries, vocab = pieces_file
-    model_dir = str(tmp_path / "span")
-    _parse(
-        ["kd/arith_student.gin", "kd/arith_kd_pieces.gin"],
-        [f"PIECES_FILE = '{path}'", "TRAIN_STEPS = 1", f"MODEL_DIR = '{model_dir}'"],
-    )
+    model_dir = str(tmp_path_factory.mktemp("span_run") / "full")
+    _parse(SPAN_RUN, _span_bindings(pieces_file[0], model_dir))
     train.train()
+    gin.clear_config()
+    return model_dir
+
+
+@pytest.mark.slow  # one short training run (shared)
+def test_span_run_through_gin_packed_matches_numpy(pieces_file, span_run):
+    """kd/arith_kd_pieces.gin (span, forward KL), packed batches: the first step's loss is CE +
+    0.5 * the span-aligned term computed in numpy on the same batch."""
+    path, entries, vocab = pieces_file
+    _parse(SPAN_RUN, _span_bindings(path, span_run))  # the run's config, for its first batch
     batch, logits = _first_batch_and_logits()
     assert "decoder_segment_ids" in batch and "decoder_pieces" in batch  # packed, with features
-    got = _losses(model_dir)[1]
+    got = _losses(span_run)[1]
     want = _numpy_loss("span", batch, logits, _by_input(entries, vocab), vocab, (0.5, 0.5))
     assert got["label/divergence"] > 0 and got["rationale/divergence"] > 0
     np.testing.assert_allclose(got["loss"], want, rtol=1e-5)
@@ -359,6 +374,65 @@ def test_on_policy_run_through_gin_resumes_identically(tmp_path):
             assert got[step][key] == ref[step][key]
 
 
+# ---- a cross-tokenizer run stopped and resumed, and on a simulated mesh -----------------------
+
+
+def _params(model_dir: str) -> list[np.ndarray]:
+    import distill_sbs
+
+    return [np.asarray(x) for x in jax.tree.leaves(distill_sbs.load(model_dir)[1])]
+
+
+@pytest.mark.slow  # two short training runs beside the shared uninterrupted one
+def test_span_run_resumes_identically(pieces_file, span_run, tmp_path):
+    """Stopped after step 1 and resumed from its checkpoint, the span run's losses and final
+    parameters equal the uninterrupted run's: the pieces features come back with the resumed
+    data stream at its position."""
+    from distill_sbs import train
+
+    parts = str(tmp_path / "parts")
+    common = _span_bindings(pieces_file[0], parts)
+    _parse(SPAN_RUN, [*common, "train.stop_after_steps = 1"])
+    train.train()
+    assert sorted(_losses(parts)) == [1]
+    _parse(SPAN_RUN, common)
+    train.train()
+    ref, got = _losses(span_run), _losses(parts)
+    assert ref[2]["loss"] != ref[1]["loss"]
+    for step in (1, 2):
+        for key in ("loss", "label/divergence", "rationale/divergence"):
+            np.testing.assert_allclose(got[step][key], ref[step][key], rtol=1e-6, err_msg=key)
+    for a, b in zip(_params(parts), _params(span_run), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _mesh_run(pieces: str, model_dir: str) -> None:
+    """The span run of `span_run` on every device (a data-parallel mesh: the default)."""
+    from distill_sbs import train
+
+    assert jax.device_count() == 2, jax.devices()
+    _parse(SPAN_RUN, _span_bindings(pieces, model_dir))
+    train.train()
+
+
+@pytest.mark.slow  # one short training run in a subprocess
+def test_span_run_on_a_two_device_mesh_equals_one_device(
+    pieces_file, span_run, tmp_path, subprocess_env
+):
+    """The same span run on a simulated 2-device data-parallel mesh (the pieces features sharded
+    with the batch rows): both steps' losses equal one device's (step 2's after the sharded
+    update of step 1)."""
+    env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    model_dir = str(tmp_path / "mesh")
+    cmd = [sys.executable, os.path.abspath(__file__), "mesh", pieces_file[0], model_dir]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ref, got = _losses(span_run), _losses(model_dir)
+    for step in (1, 2):
+        for key in ("loss", "label/divergence", "rationale/divergence"):
+            np.testing.assert_allclose(got[step][key], ref[step][key], rtol=1e-5, err_msg=key)
+
+
 @pytest.mark.slow  # compiles the loss at two batch shapes
 def test_microbatches_add_up_to_the_batch(pieces_file):
     """The trainer's gradient accumulation: each microbatch decodes its own rows' features, and
@@ -392,3 +466,7 @@ def test_microbatches_add_up_to_the_batch(pieces_file):
     parts = halves[0][1]["div_sum"] + halves[1][1]["div_sum"]
     np.testing.assert_allclose(metrics["div_sum"], parts, rtol=1e-5)
     assert np.all(np.asarray(metrics["div_sum"]) > 0)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["mesh"]:
+    _mesh_run(*sys.argv[2:4])
