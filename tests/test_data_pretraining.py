@@ -254,7 +254,7 @@ def test_pretraining_mixture_packs_corrupted_documents_beside_fact_questions():
     batch = next(
         get_dataset(
             "world_pretraining",
-            task_feature_lengths={"inputs": 128, "targets": 32},
+            task_feature_lengths={"inputs": 128, "targets": 48},  # gin/world/pretrain.gin's
             split="train",
             batch_size=16,
             seed=0,

@@ -127,37 +127,48 @@ def test_corpus_states_every_fact_without_the_probe_traps():
         assert followers == values, (attribute, followers)
 
 
-def test_fact_questions_state_each_entitys_facts_in_the_corpus_phrasings():
-    text = " ".join(world.corpus())
+def _check_fact_sentence(name: str, sentence: str, hunt: bool, split: str, corpus: str) -> None:
+    """`sentence` states the asked fact of `name`, in a corpus phrasing (train) or the held-out
+    one (validation)."""
+    e = E[name]
     value_words = {v for a in world.VALUES for v in world.VALUES[a]} | set(PLURAL)
+    if hunt:
+        assert e.prey and _names(sentence) == {name, e.prey}, sentence
+        value, attribute = e.prey, "prey"
+    else:
+        assert _names(sentence) == {name}, sentence
+        (value,) = [w for w in re.findall(r"\w+", sentence) if w in value_words]
+        attribute = {e.cls: "class", e.habitat: "habitat", e.size: "size"}.get(
+            PLURAL.get(value, value), "diet"
+        )
+        assert PLURAL.get(value, value) == e.value(attribute), sentence
+    shape = re.sub(rf"\b{value}\b", "{v}", re.sub(rf"\b{name}\b", "{e}", sentence))
+    if split == "train":
+        assert shape in world.CORPUS_TEMPLATES[attribute], sentence
+    else:
+        assert shape == world.HELD_OUT_TEMPLATES[attribute] and sentence not in corpus
+
+
+def test_fact_questions_state_the_asked_facts_in_order_in_the_corpus_phrasings():
+    corpus = " ".join(world.corpus())
     for split in ("train", "validation"):
         pairs = world.fact_questions(split)
-        per_entity = Counter(_names(q).pop() for q, _ in pairs)
-        assert set(per_entity) == set(E)
+        single = [q for q, _ in pairs if len(_names(q)) == 1]
+        group = [q for q, _ in pairs if len(_names(q)) > 1]
+        assert {_names(q).pop() for q in single} == set(E)
+        assert len(group) == world.GROUP_QUESTIONS_PER_SPLIT[split]
+        assert Counter(len(_names(q)) for q in group).keys() == {2, 3}
         for question, answer in pairs:
-            (name,) = _names(question)
-            assert _names(answer) >= {name}  # the answer names the asked animal
-            e = E[name]
-            if "hunt" in question:
-                assert e.prey and e.prey in _names(answer)
-                value, attribute = e.prey, "prey"
-            else:
-                (value,) = [w for w in re.findall(r"\w+", answer) if w in value_words]
-                attribute = {e.cls: "class", e.habitat: "habitat", e.size: "size"}.get(
-                    PLURAL.get(value, value), "diet"
-                )
-                assert PLURAL.get(value, value) == e.value(attribute), answer
-            # train answers in the corpus's phrasings, validation ones in the held-out phrasing
-            shape = re.sub(rf"\b{value}\b", "{v}", re.sub(rf"\b{name}\b", "{e}", answer))
-            if split == "train":
-                assert shape in world.CORPUS_TEMPLATES[attribute], answer
-            else:
-                assert shape == world.HELD_OUT_TEMPLATES[attribute] and answer not in text
-    # every fact of every entity, in every corpus phrasing: no more, no fewer
+            asked = [w for w in re.findall(r"\w+", question) if w in E]
+            sentences = re.split(r"(?<=\.) ", answer)
+            assert len(sentences) == len(asked), (question, answer)
+            for name, sentence in zip(asked, sentences, strict=True):
+                _check_fact_sentence(name, sentence, "hunt" in question, split, corpus)
+    # every fact of every entity in every corpus phrasing, once each
     expected = sum(
         len(world.CORPUS_TEMPLATES[a]) for e in world.entities() for a in world._attributes(e)
     )
-    assert len(world.fact_questions("train")) == expected
+    assert len([q for q, _ in world.fact_questions("train") if len(_names(q)) == 1]) == expected
     # none of the labelled tasks' questions is a fact question
     labelled = {r.input for s in world.SIZES for r in world.generate(s)}
     assert not labelled & {q for q, _ in world.fact_questions("train")}

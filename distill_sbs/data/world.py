@@ -33,7 +33,7 @@ TEACHERS = ("alpha", "beta")
 NOISE = 0.12
 EXTRA_IDS = 100
 VOCAB_FILE = os.path.join(os.path.dirname(__file__), "assets", "world_spm.model")
-_SEEDS = {"world": 20, "corpus": 21, "train": 22, "test": 23}
+_SEEDS = {"world": 20, "corpus": 21, "train": 22, "test": 23, "facts": 24}
 
 CLASSES = {"bird": "birds", "fish": "fish", "insect": "insects", "mammal": "mammals",
            "reptile": "reptiles"}  # fmt: skip
@@ -202,10 +202,11 @@ def corpus_split(split: str) -> tuple[str, ...]:
 
 
 # ---- fact questions ----------------------------------------------------------------------------
-# Single-fact questions about every entity, answered with a corpus sentence (a Flan-like stage of
-# pretraining, docs/world.md "Third design"): what they teach is to copy the asked entity's name
-# from the input and to state one of its facts, for all 240 entities. The labelled tasks' question
-# kinds (count, compare, two-hop) never appear here.
+# Questions about the facts of one, two or three entities, answered with corpus sentences in the
+# question's order (a Flan-like stage of pretraining, docs/world.md "Third design"): what they
+# teach is to copy the asked entities' names from the input and to state the asked fact of each,
+# for all 240 entities. The labelled tasks' question kinds (count, compare, two-hop) and their
+# conclusions never appear here.
 
 FACT_QUESTIONS = {
     "class": "Which animals is the {e} one of?",
@@ -214,21 +215,43 @@ FACT_QUESTIONS = {
     "diet": "What does the {e} feed on?",
     "prey": "Which animal does the {e} hunt?",
 }
+GROUP_QUESTIONS = {  # several entities, "{es}" = "the dufa and the famu" / "the a, the b and the c"
+    "class": "Which animals are {es} one of?",
+    "habitat": "Where do {es} live?",
+    "size": "How big are {es}?",
+    "diet": "What do {es} feed on?",
+    "prey": "Which animals do {es} hunt?",
+}
+GROUP_QUESTIONS_PER_SPLIT = {"train": 2000, "validation": 200}
+
+
+def _listed(names: list[str]) -> str:
+    the = [f"the {n}" for n in names]
+    return " and ".join(the) if len(the) == 2 else f"{', '.join(the[:-1])} and {the[-1]}"
 
 
 def fact_questions(split: str) -> tuple[tuple[str, str], ...]:
-    """(question, answer) pairs: "train" answers each fact of every entity in every corpus
-    phrasing, "validation" in the held-out phrasing (a loss on answers never trained on)."""
+    """(question, answer) pairs. "train": each fact of every entity in every corpus phrasing,
+    then GROUP_QUESTIONS_PER_SPLIT questions about 2 or 3 random entities (answers in random
+    corpus phrasings); "validation": the same in the held-out phrasing (answers never trained)."""
     if split not in ("train", "validation"):
         raise ValueError(f"the world's fact questions have splits train, validation; not {split!r}")
+    templates = CORPUS_TEMPLATES if split == "train" else {
+        a: [t] for a, t in HELD_OUT_TEMPLATES.items()
+    }  # fmt: skip
     pairs = []
     for e in entities():
         for attribute in _attributes(e):
             question = FACT_QUESTIONS[attribute].format(e=e.name)
-            templates = (
-                CORPUS_TEMPLATES[attribute] if split == "train" else [HELD_OUT_TEMPLATES[attribute]]
-            )
-            pairs += [(question, fact(e, attribute, t)) for t in templates]
+            pairs += [(question, fact(e, attribute, t)) for t in templates[attribute]]
+    rng = random.Random(_SEEDS["facts"] + (split == "validation"))
+    for _ in range(GROUP_QUESTIONS_PER_SPLIT[split]):
+        attribute = rng.choice(list(GROUP_QUESTIONS))
+        pool = [e for e in entities() if attribute in _attributes(e)]
+        group = rng.sample(pool, rng.choice((2, 3)))
+        question = GROUP_QUESTIONS[attribute].format(es=_listed([e.name for e in group]))
+        answer = " ".join(fact(e, attribute, rng.choice(templates[attribute])) for e in group)
+        pairs.append((question, answer))
     return tuple(pairs)
 
 
