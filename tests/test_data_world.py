@@ -281,12 +281,19 @@ def test_breakdown_per_kind_and_group(tmp_path):
     assert all(r["accuracy"] == 100.0 for r in rows), rows
     # a two-hop gold rationale names the prey as well; every asked animal is named
     assert all(r["names_in_rationale"] == 100.0 for r in rows), rows
+    assert all(r["rationale_accuracy"] == 100.0 for r in rows), rows
     wrong = [{"id": r.id, "prediction": "nothing", "rationale": "no names here"} for r in test]
     assert all(
-        r["accuracy"] == 0.0 and r["names_in_rationale"] == 0.0 for r in world.breakdown(wrong)
+        r["accuracy"] == r["names_in_rationale"] == r["rationale_accuracy"] == 0.0
+        for r in world.breakdown(wrong)
     )
+    # each teacher's rationale concludes its own answer, right or wrong
+    for r in world.generate("train"):
+        for t, (sample,) in r.teachers.items():
+            assert world.concluded_answer(sample.rationale) == sample.label, (t, sample)
     no_rationale = world.breakdown([{"id": test[0].id, "prediction": test[0].label}])
     assert no_rationale[0]["names_in_rationale"] is None and no_rationale[0]["accuracy"] == 100.0
+    assert no_rationale[0]["rationale_accuracy"] is None
     with pytest.raises(world.UserError, match="'nope' is not a world test problem"):
         world.breakdown([{"id": "nope", "prediction": "1"}])
     path = tmp_path / "preds.jsonl"

@@ -520,34 +520,57 @@ def _names_in(text: str) -> set[str]:
     return {w for w in re.findall(r"[a-z]+", text) if w in known}
 
 
+_CONCLUSIONS = (  # the closing of a rationale in either teacher's style -> its answer
+    r"So (\d) of them",
+    r"So the (\w+) is (?:larger|smaller)",
+    r"So it (?:lives in the|is|feeds on) (\w+)",
+    r"; so (\w+)\.?$",
+)
+
+
+def concluded_answer(rationale: str) -> str | None:
+    """The answer a rationale's closing states ("... So 2 of them live in the desert." -> "2"),
+    None when it has no closing of either teacher's style."""
+    for pattern in _CONCLUSIONS:
+        if m := re.search(pattern, rationale):
+            return m.group(1)
+    return None
+
+
 def breakdown(predictions: list[dict], split: str = "test") -> list[dict]:
     """Accuracy of a student's predictions (infer's JSONL rows: "id", "prediction", optionally
-    "rationale") per question kind and entity group, with the share of the question's animals
-    that the rationale names (does the student copy names it never saw in labelled train?).
-    Rows are sorted by kind, then group; a prediction whose id is not in `split` is an error."""
+    "rationale") per question kind and entity group; with rationales, also the share of the
+    question's animals that the rationale names (does the student copy names it never saw in
+    labelled train?) and the accuracy of the answer the rationale concludes. Rows are sorted by
+    kind, then group; a prediction whose id is not in `split` is an error."""
     records = {r.id: r for r in generate(split)}
-    cells: dict[tuple[str, str], list[tuple[bool, float | None]]] = {}
+    cells: dict[tuple[str, str], list[tuple[bool, float | None, bool | None]]] = {}
     for row in predictions:
         record = records.get(row["id"])
         if record is None:
             raise UserError(f"prediction id {row['id']!r} is not a world {split} problem")
         right = row["prediction"].strip() == record.label
-        named = None
+        named = concluded = None
         if "rationale" in row:
             asked = _names_in(record.input)
             named = len(asked & _names_in(row["rationale"])) / len(asked)
+            concluded = concluded_answer(row["rationale"]) == record.label
         key = (record.fields["kind"], record.fields["group"])
-        cells.setdefault(key, []).append((right, named))
+        cells.setdefault(key, []).append((right, named, concluded))
     out = []
     for (kind, group), hits in sorted(cells.items()):
-        named = [n for _, n in hits if n is not None]
+        named = [n for _, n, _ in hits if n is not None]
+        concluded = [c for _, _, c in hits if c is not None]
         out.append(
             {
                 "kind": kind,
                 "group": group,
                 "n": len(hits),
-                "accuracy": 100.0 * sum(r for r, _ in hits) / len(hits),
+                "accuracy": 100.0 * sum(r for r, _, _ in hits) / len(hits),
                 "names_in_rationale": 100.0 * sum(named) / len(named) if named else None,
+                "rationale_accuracy": (
+                    100.0 * sum(concluded) / len(concluded) if concluded else None
+                ),
             }
         )
     return out
@@ -572,7 +595,8 @@ def define_flags() -> None:
         "breakdown",
         None,
         "Print a student's accuracy per question kind and entity group from infer's JSONL "
-        "predictions on world's test split (RATIONALE=True adds the share of names copied).",
+        "predictions on world's test split (RATIONALE=True adds the share of names copied "
+        "and the accuracy of the answer each rationale concludes).",
     )
 
 
@@ -585,10 +609,19 @@ def main() -> None:
         print(f"wrote {flags.FLAGS.write_corpus}: {len(corpus())} documents")
     if flags.FLAGS.breakdown:
         rows = breakdown(read_predictions(flags.FLAGS.breakdown))
-        print(f"{'kind':<8} {'group':<7} {'n':>5} {'accuracy':>9} {'names in rationale':>19}")
+        print(
+            f"{'kind':<8} {'group':<7} {'n':>5} {'accuracy':>9} {'names in rationale':>19} "
+            f"{'rationale accuracy':>19}"
+        )
         for r in rows:
-            named = "-" if r["names_in_rationale"] is None else f"{r['names_in_rationale']:.1f}"
-            print(f"{r['kind']:<8} {r['group']:<7} {r['n']:>5} {r['accuracy']:>9.1f} {named:>19}")
+            named, concluded = (
+                "-" if r[k] is None else f"{r[k]:.1f}"
+                for k in ("names_in_rationale", "rationale_accuracy")
+            )
+            print(
+                f"{r['kind']:<8} {r['group']:<7} {r['n']:>5} {r['accuracy']:>9.1f} {named:>19} "
+                f"{concluded:>19}"
+            )
 
 
 if __name__ == "__main__":
