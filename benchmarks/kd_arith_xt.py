@@ -4,21 +4,28 @@ ANOTHER vocabulary, 3 seeds (docs/distillation.md, "Experiment: a teacher with a
 benchmarks/kd_arith.py's experiment with the teacher's vocabulary changed, reusing its flags and
 helpers (a run whose MODEL_DIR has final metrics is kept, so an interrupted run resumes):
 
-1. a 128-piece SentencePiece BPE trained on the arith texts (the student's has 256 pieces), and
-   the dataset `arith_bpe128` registered over it (same records, that vocabulary);
-2. the teacher of gin/kd/arith_xt_teacher.gin trained on `arith_bpe128_dss` (in this process: the
-   task is registered here), then scored on test;
+1. a SentencePiece BPE of up to --teacher_vocab pieces trained on the arith texts (the
+   student's has 256): 512 gives 449 pieces (the corpus fills no more), 207 of the student's ids
+   naming the same piece and every target cut into the same pieces; 128 cuts most animal names
+   into two to four pieces. The dataset `arith_gold_bpe<N>` is registered over it: arith's
+   records with each LLM teacher's rationale replaced by the record's gold rationale (the
+   students never see those; about 12% of the LLM rationales are wrong);
+2. the teacher of gin/kd/arith_xt_teacher.gin trained on `arith_gold_bpe<N>_dss` (in this
+   process: the task is registered here), then scored on test;
 3. its top-k pieces file of `arith_dss`'s train split, written through `distill_sbs.serve`'s
    scoring endpoint (teachers.topk.write_pieces_from_server): the teacher's own pieces, spans
    and log-probs of each target text;
 4. per seed, the students of gin/kd/arith_student.gin: DSS, and DSS + KD from that file with
-   `KD.cross_tokenizer` "span" and "uld" (gin/kd/arith_kd_pieces.gin), each in its own process.
+   `KD.cross_tokenizer` "span" and "uld" (gin/kd/arith_kd_pieces.gin), each in its own process
+   (the DSS students do not depend on the teacher: copy them between out_dirs to skip them).
 
     nice -n 15 python benchmarks/kd_arith_xt.py --out_dir=/tmp/kd_arith_xt --seeds=0,1,2
+    nice -n 15 python benchmarks/kd_arith_xt.py --out_dir=/tmp/kd_arith_xt128 --teacher_vocab=128
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -30,28 +37,47 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kd_arith  # noqa: E402  (its flags: --out_dir, --seeds, --json, --k, --gamma)
 
 _STEPS = flags.DEFINE_integer("student_steps", None, "students' TRAIN_STEPS (default: the gin's)")
-_TEACHER_VOCAB = 128  # the BPE's upper bound; gin/kd/arith_xt_teacher.gin's T5Config.vocab_size
-DATASET = f"arith_bpe{_TEACHER_VOCAB}"
+_VOCAB = flags.DEFINE_integer(
+    "teacher_vocab", 512, "the teacher's BPE size (an upper bound) and T5Config.vocab_size"
+)
 KEY_ENV = "KD_ARITH_XT_KEY"  # the in-process server's key, only for this run
 
 METHODS = {"DSS": None, "DSS + span KD": "span", "DSS + ULD KD": "uld"}
 
 
+def gold_rationale_records(split: str) -> list:
+    """arith's records of `split`, every LLM teacher's sample replaced by the gold rationale."""
+    from distill_sbs.data import arith
+    from distill_sbs.data.records import TeacherSample
+
+    out = []
+    for r in arith.generate(split):
+        gold = r.fields["gold_rationale"]
+        sample = TeacherSample(gold, r.label, f"{gold} So the answer is {r.label}.")
+        out.append(dataclasses.replace(r, teachers={t: [sample] for t in r.teachers}))
+    return out
+
+
+def _dataset() -> str:
+    return f"arith_gold_bpe{_VOCAB.value}"
+
+
 def register_teacher_dataset(out: str) -> str:
-    """Writes the teacher's vocabulary (once) and registers `arith_bpe128_*` over it; its path."""
+    """Writes the teacher's vocabulary (once) and registers `arith_gold_bpe<N>_*` over it (gold
+    rationales); the vocabulary's path."""
     import seqio
 
     from distill_sbs.data import arith, register_dataset
     from distill_sbs.data.build_assets import corpus
     from distill_sbs.data.vocab import train_bpe_model
 
-    path = os.path.join(out, f"{DATASET}.model")
+    path = os.path.join(out, f"arith_bpe{_VOCAB.value}.model")
     if not os.path.exists(path):
         os.makedirs(out, exist_ok=True)
         with open(path, "wb") as f:
-            f.write(train_bpe_model(corpus(), _TEACHER_VOCAB))
+            f.write(train_bpe_model(corpus(), _VOCAB.value))
     vocabulary = seqio.SentencePieceVocabulary(path, extra_ids=0)
-    register_dataset(DATASET, loader=arith.generate, splits=tuple(arith.SIZES),
+    register_dataset(_dataset(), loader=gold_rationale_records, splits=tuple(arith.SIZES),
                      metric="numeric", vocabulary=vocabulary, teachers=arith.TEACHERS)  # fmt: skip
     return path
 
@@ -68,7 +94,9 @@ def _teacher(out: str) -> tuple[str, dict]:
     if not os.path.exists(path):
         t0 = time.time()
         gin.clear_config()
-        cli.parse_gin(["kd/arith_xt_teacher.gin"], [f"MODEL_DIR = '{model_dir}'"])
+        bindings = [f"MODEL_DIR = '{model_dir}'", f"T5Config.vocab_size = {_VOCAB.value}"]
+        bindings.append(f"MIXTURE_OR_TASK_NAME = '{_dataset()}_dss'")
+        cli.parse_gin(["kd/arith_xt_teacher.gin"], bindings)
         train.train()
         gin.clear_config()
         with open(cost_path, "w") as f:
@@ -115,7 +143,7 @@ def main(argv: list[str]) -> None:
     pieces, pieces_cost = _pieces(teacher, out)
     gamma = kd_arith._GAMMA.value
     results = {"teacher": t["test"], "teacher_model": kd_arith._describe(teacher)}
-    results.update({"teacher_vocab": _TEACHER_VOCAB, "gamma": gamma, "k": kd_arith._K.value})
+    results.update({"teacher_vocab": _VOCAB.value, "gamma": gamma, "k": kd_arith._K.value})
     results.update({"teacher_runs": t, "pieces": pieces_cost, "student_steps": _STEPS.value})
     results.update({"students": {}, "costs": {}})
     for seed in kd_arith._SEEDS.value:
