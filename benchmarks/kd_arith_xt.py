@@ -21,6 +21,8 @@ helpers (a run whose MODEL_DIR has final metrics is kept, so an interrupted run 
 
     nice -n 15 python benchmarks/kd_arith_xt.py --out_dir=/tmp/kd_arith_xt --seeds=0,1,2
     nice -n 15 python benchmarks/kd_arith_xt.py --out_dir=/tmp/kd_arith_xt128 --teacher_vocab=128
+    nice -n 15 python benchmarks/kd_arith_xt.py --out_dir=/tmp/kd_arith_xt128n2000 \
+        --teacher_vocab=128 --teacher_problems=2000
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kd_arith  # noqa: E402  (its flags: --out_dir, --seeds, --json, --k, --gamma)
 
 _STEPS = flags.DEFINE_integer("student_steps", None, "students' TRAIN_STEPS (default: the gin's)")
+_PROBLEMS = flags.DEFINE_integer(
+    "teacher_problems", 400, "train problems of the teacher (the students': the first 400)"
+)
 _VOCAB = flags.DEFINE_integer(
     "teacher_vocab", 512, "the teacher's BPE size (an upper bound) and T5Config.vocab_size"
 )
@@ -46,12 +51,20 @@ METHODS = {"DSS": None, "DSS + span KD": "span", "DSS + ULD KD": "uld"}
 
 
 def gold_rationale_records(split: str) -> list:
-    """arith's records of `split`, every LLM teacher's sample replaced by the gold rationale."""
+    """arith's records of `split`, every LLM teacher's sample replaced by the gold rationale;
+    with --teacher_problems > 400, train holds that many problems (the students' 400 first, no
+    test input among them)."""
     from distill_sbs.data import arith
     from distill_sbs.data.records import TeacherSample
 
+    records = arith.generate(split)
+    if split == "train" and _PROBLEMS.value > len(records):
+        test = {r.input for r in arith.generate("test")}
+        more = arith.generate("train", n=_PROBLEMS.value + len(test))
+        assert [r.input for r in more[: len(records)]] == [r.input for r in records]
+        records = [r for r in more if r.input not in test][: _PROBLEMS.value]
     out = []
-    for r in arith.generate(split):
+    for r in records:
         gold = r.fields["gold_rationale"]
         sample = TeacherSample(gold, r.label, f"{gold} So the answer is {r.label}.")
         out.append(dataclasses.replace(r, teachers={t: [sample] for t in r.teachers}))
@@ -59,7 +72,8 @@ def gold_rationale_records(split: str) -> list:
 
 
 def _dataset() -> str:
-    return f"arith_gold_bpe{_VOCAB.value}"
+    more = f"_n{_PROBLEMS.value}" if _PROBLEMS.value != 400 else ""
+    return f"arith_gold{more}_bpe{_VOCAB.value}"
 
 
 def register_teacher_dataset(out: str) -> str:
@@ -143,7 +157,8 @@ def main(argv: list[str]) -> None:
     pieces, pieces_cost = _pieces(teacher, out)
     gamma = kd_arith._GAMMA.value
     results = {"teacher": t["test"], "teacher_model": kd_arith._describe(teacher)}
-    results.update({"teacher_vocab": _VOCAB.value, "gamma": gamma, "k": kd_arith._K.value})
+    results.update({"teacher_vocab": _VOCAB.value, "teacher_problems": _PROBLEMS.value})
+    results.update({"gamma": gamma, "k": kd_arith._K.value})
     results.update({"teacher_runs": t, "pieces": pieces_cost, "student_steps": _STEPS.value})
     results.update({"students": {}, "costs": {}})
     for seed in kd_arith._SEEDS.value:
