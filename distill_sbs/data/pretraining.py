@@ -34,7 +34,6 @@ composition drawn as sorted cut points `rng.choice(n - 1, k - 1, replace=False) 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import gin
@@ -290,6 +289,17 @@ def _to_targets(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.map(lambda ex: {"targets": ex["text"]}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+    """A pretraining task's features: inputs and targets with EOS, one objective id."""
+    return {
+        "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+        "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+        OBJECTIVE_FEATURE: seqio.Feature(
+            vocabulary=seqio.PassThroughVocabulary(size=0), add_eos=False, dtype=tf.int32, rank=1
+        ),
+    }
+
+
 def register_span_corruption_task(
     name: str,
     *,
@@ -315,7 +325,6 @@ def register_span_corruption_task(
         source = _file_source(files, text_field)
     else:
         source = _memory_source(documents, splits)
-    feature = functools.partial(seqio.Feature, vocabulary=vocabulary, add_eos=True)
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
         name,
@@ -328,16 +337,7 @@ def register_span_corruption_task(
             corrupt,
             seqio.preprocessors.append_eos_after_trim,
         ],
-        output_features={
-            "inputs": feature(),
-            "targets": feature(),
-            OBJECTIVE_FEATURE: seqio.Feature(
-                vocabulary=seqio.PassThroughVocabulary(size=0),
-                add_eos=False,
-                dtype=tf.int32,
-                rank=1,
-            ),
-        },
+        output_features=_output_features(vocabulary),
         metric_fns=[],
         shuffle_buffer_size=shuffle_buffer_size,
     )
@@ -377,7 +377,6 @@ def register_text_pairs_task(
     -> pairs), one objective like a span-corruption task, so that the two mix in one
     `seqio.Mixture` for pretraining (e.g. span corruption beside supervised questions, as
     T5's multi-task pretraining and Flan mix them); returns it."""
-    feature = functools.partial(seqio.Feature, vocabulary=vocabulary, add_eos=True)
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
         name,
@@ -388,16 +387,7 @@ def register_text_pairs_task(
             _one_objective,
             seqio.preprocessors.append_eos_after_trim,
         ],
-        output_features={
-            "inputs": feature(),
-            "targets": feature(),
-            OBJECTIVE_FEATURE: seqio.Feature(
-                vocabulary=seqio.PassThroughVocabulary(size=0),
-                add_eos=False,
-                dtype=tf.int32,
-                rank=1,
-            ),
-        },
+        output_features=_output_features(vocabulary),
         metric_fns=[],
         shuffle_buffer_size=shuffle_buffer_size,
     )
