@@ -147,6 +147,33 @@ def sentencepiece_text(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [token_text(tokenizer, int(i)) for i in ids]
 
 
+def sample_pieces(
+    tokenizer: Any, ids: Sequence[int], eos_id: int = 1
+) -> tuple[str, list[str], list[tuple[int, int]]]:
+    """(text, pieces, spans) of the student's sampled target `ids` (its EOS, if any, last): the
+    text the tokenizer decodes, each token's share of it (decoding one more token adds its piece
+    to the text; a control token such as PAD adds nothing: an empty span inside the text), EOS
+    an empty span at its end. Ids without a piece read as <unk>, as seqio decodes them."""
+    size, unk = tokenizer.get_piece_size(), tokenizer.unk_id()
+    ids = [int(i) if 0 <= int(i) < size else unk for i in ids]
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id) + 1]
+    text, pieces, spans = "", [], []
+    for j, i in enumerate(ids):
+        if i == eos_id:
+            pieces.append("")
+            spans.append((len(text), len(text)))
+            continue
+        # SentencePiece decodes a prefix to a prefix of the text; where it would not (bytes
+        # completed later), the token adds what is past the text's length: the pieces still
+        # spell the text.
+        piece = tokenizer.decode_ids(ids[: j + 1])[len(text) :]
+        pieces.append(piece)
+        spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    return text, pieces, spans
+
+
 def sentencepiece_lookup(tokenizer: Any) -> Callable[[str], int | None]:
     """A teacher piece's text -> the student's id of the same piece, or None."""
     unk = tokenizer.unk_id()
@@ -171,11 +198,16 @@ def features(
     lookup: Callable[[str], int | None],
     k: int,
     length: int,
+    student_spans: Sequence[tuple[int, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """The loss's features of one example whose student target tokens are `student_ids` (EOS
-    included; `student_pieces` their texts), padded or cut to `length` positions."""
+    included; `student_pieces` their texts), padded or cut to `length` positions.
+    `student_spans`: the tokens' spans when known (a sample's, from `sample_pieces`, may hold
+    empty tokens inside the text), else read from the pieces."""
     where = f"example {entry.id!r} ({entry.objective})"
-    s_spans = piece_spans(student_pieces, entry.target, f"{where}, the student's tokens")
+    s_spans = student_spans
+    if s_spans is None:
+        s_spans = piece_spans(student_pieces, entry.target, f"{where}, the student's tokens")
     f = {
         "xt_ids": np.zeros((length, k + 1), np.int32),
         "xt_valid": np.zeros((length, k + 1), bool),

@@ -13,7 +13,10 @@ Two sources satisfy `trainer.Teacher` and run inside the jitted train step, once
                     (cross_tokenizer.py), giving the span-aligned or ULD term per student token
 
 With an online teacher, `OnPolicy` (GKD) first replaces a fraction of each batch's targets by the
-student's own samples, drawn in the step; the teacher then scores those.
+student's own samples, drawn in the step; the teacher then scores those. With a teacher behind
+a server (`KD.server = @TeacherServer()`, another tokenizer), `ServedTeacher` samples them in a
+jitted call of its own, has the server score them on the host (one round trip per step) and
+hands the train step their pieces as CrossTokenizerPieces' features.
 
 `KD` is the gin-configurable choice of source and divergence terms; `train.train(kd=...)`
 turns it into the Trainer's teacher and `ObjectiveLoss` divergence fields, so that e.g.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,11 +40,65 @@ import numpy as np
 
 from distill_sbs import cross_tokenizer, partitioning, storage
 from distill_sbs.data import topk as topk_store
+from distill_sbs.data.feature_converter import PIECES_MODEL_FEATURE
 from distill_sbs.errors import UserError
 from distill_sbs.losses import DIVERGENCES, SAMPLED_FEATURE
 from distill_sbs.network import EOS_ID, PAD_ID
 
 TEACHER_DTYPES = ("float32", "bfloat16")
+logger = logging.getLogger(__name__)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TeacherServer:
+    """A teacher behind an OpenAI-compatible server that scores text in its own tokenizer
+    (`echo` + `logprobs`, as annotate_topk --pieces asks; vLLM or distill_sbs.serve), used to
+    score the student's on-policy samples in training (ServedTeacher).
+
+    url: the base URL (…/v1); model: the server's model name; api_key_env: the NAME of the
+      environment variable holding the API key (the key is read when a request is sent and is
+      never logged nor written to the config or a checkpoint).
+    k: top log-probabilities asked per teacher token (a pieces file for the dataset's targets
+      must hold the same k).
+    decoder_only: the server is decoder-only and scores input + " " + target as one prompt.
+    timeout: seconds per attempt; max_retries: retries of a failed request (with backoff), after
+      which training stops with one line naming the URL; max_concurrency: requests at once;
+      rows_per_request: sampled rows sent in one request.
+    """
+
+    url: str
+    model: str
+    api_key_env: str | None = None
+    k: int = 8
+    decoder_only: bool = False
+    timeout: float = 60.0
+    max_retries: int = 3
+    max_concurrency: int = 4
+    rows_per_request: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("k", "max_concurrency", "rows_per_request"):
+            if getattr(self, name) < 1:
+                raise UserError(f"TeacherServer.{name}={getattr(self, name)}: must be >= 1")
+        if self.max_retries < 0 or self.timeout <= 0:
+            raise UserError(
+                f"TeacherServer: max_retries={self.max_retries} must be >= 0 and "
+                f"timeout={self.timeout} > 0"
+            )
+
+    def http_config(self) -> Any:
+        """The teachers/backends.py client's settings (the key stays in the environment)."""
+        from distill_sbs.teachers.backends import HTTPConfig
+
+        return HTTPConfig(
+            self.url,
+            self.model,
+            api_key_env=self.api_key_env,
+            max_concurrency=self.max_concurrency,
+            max_retries=self.max_retries,
+            timeout=self.timeout,
+        )
 
 
 @gin.configurable
@@ -61,6 +119,9 @@ class KD:
     cross_tokenizer: "span" or "uld" distills from the pieces file of a teacher with another
       tokenizer (teacher_pieces_path.path; cross_tokenizer.py): the span-aligned divergence (kind
       one of cross_tokenizer.KINDS, beta for "jsd") or ULD; None: a teacher of this vocabulary.
+    server: a TeacherServer scoring the on-policy samples (needs cross_tokenizer and
+      on_policy_fraction > 0); the dataset's targets keep the pieces file's scores, if one is
+      set, else CE only.
     """
 
     weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
@@ -75,6 +136,7 @@ class KD:
     on_policy_fraction: float = 0.0
     sample_temperature: float = 1.0
     cross_tokenizer: str | None = None
+    server: TeacherServer | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in DIVERGENCES:
@@ -284,20 +346,148 @@ class CrossTokenizerPieces:
         return functools.partial(cross_tokenizer.divergence, self.loss, feats=feats)
 
 
+class ServedTeacher(CrossTokenizerPieces):
+    """On-policy distillation (GKD) from a teacher of another tokenizer behind a server: before
+    each train step (trainer.Teacher.before_step) the `sampling` rows' targets are drawn from
+    the student by OnPolicy in a jitted call of their own (the step's key, as in the step), the
+    samples are fetched to the host, detokenized (cross_tokenizer.sample_pieces) and scored with
+    their inputs through the server (teachers.topk.score_pieces, annotate_topk's client), and
+    their pieces are aligned with the sampled tokens into the batch's PIECES_MODEL_FEATURE rows;
+    the jitted train step then runs as with a pieces file. The other rows keep the pieces file's
+    features (none: CE only). A sample the teacher's pieces do not spell (a character outside
+    its vocabulary, whitespace its tokenizer normalizes) gets no divergence term, and is logged.
+    """
+
+    on_policy = None  # the step samples nothing itself: the rows come sampled
+
+    def __init__(self, loss: str, server: TeacherServer, sampling: OnPolicy) -> None:
+        super().__init__(loss)
+        self.server = server
+        self.sampling = sampling
+        self._sampler: Any = None
+
+    def before_step(self, trainer: Any, state: Any, batch: Mapping[str, jax.Array]) -> dict:
+        """The batch with the sampled rows' targets and their teacher pieces (host round trip)."""
+        rows = self.sampling.rows(batch["decoder_target_tokens"].shape[0])
+        part = trainer.partitioner
+        if self._sampler is None:
+
+            def sample(params: Any, b: Mapping[str, jax.Array], step: jax.Array) -> Any:
+                return self.sampling(trainer.model, params, b, trainer.sampling_rng(step))
+
+            self._sampler = jax.jit(
+                sample,
+                in_shardings=(trainer.params_shardings, part.batch_sharding(), part.replicated()),
+                out_shardings=part.batch_sharding(),
+            )
+        out = dict(batch)
+        if rows.size:  # round(fraction * B) may be 0: no samples, the pieces feature still
+            with part.activation_context():
+                out = dict(self._sampler(state.params, batch, state.step))
+        host = jax.device_get({k: out[k] for k in ("encoder_input_tokens", "decoder_target_tokens",
+                                                   "decoder_loss_weights")})  # fmt: skip
+        old = batch.get(PIECES_MODEL_FEATURE)
+        pieces = self.sampled_pieces(
+            host, rows, trainer.model.vocabulary, None if old is None else jax.device_get(old)
+        )
+        out[PIECES_MODEL_FEATURE] = part.host_batch_to_global({"p": pieces})["p"]
+        return out
+
+    def sampled_pieces(
+        self,
+        batch: Mapping[str, np.ndarray],
+        rows: np.ndarray,
+        vocabulary: Any,
+        gold: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """int32 [B, L * (4k + 7)]: PIECES_MODEL_FEATURE with the server's pieces of `rows`
+        (whose targets are samples) and `gold`'s (the pieces file's, or nothing) elsewhere."""
+        targets = np.asarray(batch["decoder_target_tokens"])
+        b, length = targets.shape
+        k = self.server.k
+        width = length * (4 * k + 7)
+        if gold is not None and gold.shape[-1] != width:
+            raise UserError(
+                f"teacher_pieces_path.path holds k={(gold.shape[-1] // length - 7) // 4} top "
+                f"log-probs, TeacherServer.k={k}: the server's must be the file's"
+            )
+        out = np.zeros((b, width), np.int32) if gold is None else np.array(gold, np.int32)
+        out[rows] = 0
+        tok = getattr(vocabulary, "tokenizer", None)
+        if tok is None:
+            raise UserError("KD.server needs a SentencePiece student vocabulary to detokenize")
+        weights = np.asarray(batch["decoder_loss_weights"])
+        examples, samples = [], []
+        for r in rows:
+            ids = targets[r, weights[r] > 0].tolist()
+            if not ids:  # a row without targets has no sample
+                continue
+            text, pieces, spans = cross_tokenizer.sample_pieces(tok, ids)
+            inputs = np.asarray(batch["encoder_input_tokens"][r]).tolist()
+            end = inputs.index(EOS_ID) if EOS_ID in inputs else len(inputs)
+            examples.append({"id": f"sampled row {r}", "objective": "on-policy",
+                             "inputs_text": vocabulary.decode(inputs[:end]),
+                             "targets_text": text})  # fmt: skip
+            samples.append((r, ids, pieces, spans))
+        entries = self._score(examples)
+        lookup = cross_tokenizer.sentencepiece_lookup(tok)
+        for (r, ids, pieces, spans), entry in zip(samples, entries, strict=True):
+            if entry is not None:
+                f = cross_tokenizer.features(entry, ids, pieces, lookup, k, length, spans)
+                out[r] = cross_tokenizer.encode(f).reshape(-1)
+        skipped = sum(e is None for e in entries)
+        if skipped:
+            logger.warning(
+                "%s: the teacher's pieces do not spell %d of %d sampled targets: no "
+                "divergence term on those",
+                self.server.url,
+                skipped,
+                len(entries),
+            )
+        return out
+
+    def _score(self, examples: list[dict[str, Any]]) -> list[Any]:
+        """The server's entries of `examples` (None: not spelled); one line naming the URL when
+        it is down, refuses or answers without logprobs."""
+        from distill_sbs.teachers import topk
+
+        if not examples:
+            return []
+        n = self.server.rows_per_request
+        chunks = [examples[i : i + n] for i in range(0, len(examples), n)]
+        try:
+            return topk.score_pieces(
+                self.server.http_config(), chunks, k=self.server.k,
+                decoder_only=self.server.decoder_only, skip_uncovered=True,
+            )  # fmt: skip
+        except (RuntimeError, UserError) as e:
+            where = "" if str(e).startswith(self.server.url) else f"{self.server.url}: "
+            raise UserError(f"KD.server: scoring the student's samples: {where}{e}") from e
+
+
 def _cross_tokenizer_teacher(kd: KD, path: str | None) -> CrossTokenizerPieces:
-    """The pieces file's teacher, after refusing the settings it cannot honour (one line each)."""
+    """The pieces file's teacher, or the server's (KD.server), after refusing the settings it
+    cannot honour (one line each)."""
     if kd.cross_tokenizer is None:
+        what = f"teacher_pieces_path.path={path} is" if kd.server is None else "KD.server scores in"
         raise UserError(
-            f"teacher_pieces_path.path={path} is a teacher of another tokenizer: set "
+            f"{what} a teacher of another tokenizer: set "
             f"KD.cross_tokenizer to one of {cross_tokenizer.LOSSES}"
         )
     name = f"KD.cross_tokenizer={kd.cross_tokenizer!r}"
+    served = kd.server is not None
     refusals = [
         (
-            not path,
+            not path and not served,
             "reads a pieces file: set teacher_pieces_path.path (written by "
             "python -m distill_sbs.annotate_topk --pieces)",
         ),
+        (
+            served and kd.on_policy_fraction == 0,
+            "with KD.server scores the student's samples: set KD.on_policy_fraction > 0 (for "
+            "the dataset's targets write a pieces file: annotate_topk --pieces)",
+        ),
+        (served and jax.process_count() > 1, "with KD.server runs in one process only"),
         (
             kd.teacher is not None,
             f"distills from the pieces file, not KD.teacher={kd.teacher}: unset one",
@@ -307,10 +497,10 @@ def _cross_tokenizer_teacher(kd: KD, path: str | None) -> CrossTokenizerPieces:
             "and teacher_topk_path.path name two teachers: unset one",
         ),
         (
-            kd.on_policy_fraction > 0,
+            kd.on_policy_fraction > 0 and not served,
             f"cannot score the student's samples "
             f"(KD.on_policy_fraction={kd.on_policy_fraction}): the pieces "
-            "file covers only the dataset's targets",
+            "file covers only the dataset's targets (KD.server can)",
         ),
         (kd.topk is not None, "uses every top log-prob of the pieces file: unset KD.topk"),
         (
@@ -329,8 +519,11 @@ def _cross_tokenizer_teacher(kd: KD, path: str | None) -> CrossTokenizerPieces:
     for refused, why in refusals:
         if refused:
             raise UserError(f"{name} {why}")
-    if not storage.exists(path):
+    if path and not storage.exists(path):
         raise UserError(f"teacher_pieces_path.path={path}: no such pieces file")
+    if served:
+        sampling = OnPolicy(kd.on_policy_fraction, kd.sample_temperature)
+        return ServedTeacher(kd.cross_tokenizer, kd.server, sampling)
     return CrossTokenizerPieces(kd.cross_tokenizer)
 
 
@@ -339,7 +532,7 @@ def build_teacher(
 ) -> OnlineTeacher | OfflineTopK | CrossTokenizerPieces:
     """The teacher source `kd` names, checked against the student's vocabulary size."""
     pieces = cross_tokenizer.teacher_pieces_path()
-    if kd.cross_tokenizer is not None or pieces:
+    if kd.cross_tokenizer is not None or pieces or kd.server is not None:
         return _cross_tokenizer_teacher(kd, pieces)
     if kd.teacher is None and kd.on_policy_fraction > 0:
         raise UserError(

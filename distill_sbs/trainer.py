@@ -65,7 +65,9 @@ class Teacher(Protocol):
     params: Any
     params_shardings: Any
     # Optional (getattr): on_policy(student, student_params, batch, rng) -> batch, run on the
-    # whole batch before the loss (GKD: targets sampled from the student, distillation.OnPolicy).
+    # whole batch before the loss (GKD: targets sampled from the student, distillation.OnPolicy);
+    # before_step(trainer, state, batch) -> batch, run on the host before the jitted step (a
+    # server teacher's round trip: distillation.ServedTeacher).
 
     def __call__(self, params: Any, batch: Batch) -> Any:
         """Teacher logits [b, l, vocab] or top-k (ids, log-probs) [b, l, k] (no gradients)."""
@@ -208,8 +210,7 @@ class Trainer:
         rng = jax.random.fold_in(jax.random.PRNGKey(self.dropout_seed), state.step)
         on_policy = getattr(self.teacher, "on_policy", None)
         if on_policy is not None:  # before the counts: sampled targets have their own lengths
-            sample_rng = jax.random.fold_in(rng, SAMPLING_STREAM)
-            batch = on_policy(self.model, state.params, batch, sample_rng)
+            batch = on_policy(self.model, state.params, batch, self.sampling_rng(state.step))
         # Full-batch denominators, so microbatch losses (and grads) add up to the batch's exactly.
         counts = self.loss.token_counts(batch)
         if self.num_microbatches == 1:
@@ -228,8 +229,16 @@ class Trainer:
         metrics["num_steps"] = jnp.ones((), jnp.float32)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+    def sampling_rng(self, step: jax.Array) -> jax.Array:
+        """The key of step `step`'s on-policy samples: a resumed run draws the same ones."""
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.dropout_seed), step)
+        return jax.random.fold_in(rng, SAMPLING_STREAM)
+
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         """One optimizer update; `state` is donated (do not reuse it after the call)."""
+        before = getattr(self.teacher, "before_step", None)
+        if before is not None:  # the host's part of the step (a server teacher's round trip)
+            batch = before(self, state, batch)
         if self._train_step is None:
             shardings = self.state_shardings
             in_shardings = (shardings, self.partitioner.batch_sharding())

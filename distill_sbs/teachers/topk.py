@@ -353,8 +353,8 @@ def _pieces_entry(
     if decoder_only:  # keep the target's tokens: from the input's end to the generated one
         offsets = list(logprobs.get("text_offset") or [])
         start, end = len(example["inputs_text"]), len(example["inputs_text"]) + 1 + len(target)
-        if start not in offsets:
-            raise ServerTopKError(
+        if start not in offsets:  # as pieces that do not spell the target: not aligned
+            raise cross_tokenizer.CrossTokenizerError(
                 f"{where}: no teacher token starts where the input ends (character {start}): a "
                 "piece straddles the input and the target"
             )
@@ -391,14 +391,38 @@ def write_pieces_from_server(
     from distill_sbs import cross_tokenizer
 
     chunks = _server_chunks(mixture_or_task_name, split, batch_size, examples)
-    answers = _score(PiecesBackend(config, k, decoder_only), chunks, config)
-    entries = [
-        _pieces_entry(e, lp, k, decoder_only)
-        for chunk, answer in zip(chunks, answers, strict=True)
-        for e, lp in zip(chunk, answer.logprobs, strict=True)
-    ]
+    entries = score_pieces(config, chunks, k=k, decoder_only=decoder_only)
     cross_tokenizer.save(output, entries)
     return len(entries)
+
+
+def score_pieces(
+    config: HTTPConfig,
+    chunks: Sequence[Sequence[dict[str, Any]]],
+    *,
+    k: int,
+    decoder_only: bool = False,
+    skip_uncovered: bool = False,
+) -> list[Any]:
+    """One scoring request per chunk of examples (id, objective, inputs_text, targets_text): each
+    example's cross_tokenizer.Entry in the teacher's pieces; the one client of the pieces file
+    and of on-policy scoring in training (distillation.ServedTeacher). skip_uncovered: None for
+    an example whose target the teacher's pieces do not spell (CrossTokenizerError otherwise).
+    ServerTopKError for an answer without logprobs or with too few; RuntimeError (naming the
+    URL) for a request that failed for good."""
+    from distill_sbs import cross_tokenizer
+
+    answers = _score(PiecesBackend(config, k, decoder_only), chunks, config)
+    out = []
+    for chunk, answer in zip(chunks, answers, strict=True):
+        for e, lp in zip(chunk, answer.logprobs, strict=True):
+            try:
+                out.append(_pieces_entry(e, lp, k, decoder_only))
+            except cross_tokenizer.CrossTokenizerError:
+                if not skip_uncovered:
+                    raise
+                out.append(None)
+    return out
 
 
 def _score(
