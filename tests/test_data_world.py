@@ -282,15 +282,23 @@ def test_breakdown_per_kind_and_group(tmp_path):
     # a two-hop gold rationale names the prey as well; every asked animal is named
     assert all(r["names_in_rationale"] == 100.0 for r in rows), rows
     assert all(r["rationale_accuracy"] == 100.0 for r in rows), rows
+    assert all(r["facts_true"] == 100.0 for r in rows), rows
     wrong = [{"id": r.id, "prediction": "nothing", "rationale": "no names here"} for r in test]
     assert all(
         r["accuracy"] == r["names_in_rationale"] == r["rationale_accuracy"] == 0.0
+        and r["facts_true"] is None  # no fact stated
         for r in world.breakdown(wrong)
     )
-    # each teacher's rationale concludes its own answer, right or wrong
+    # each teacher's rationale concludes its own answer, right or wrong, and states every fact
+    # of its problem; a wrong answer comes from exactly one false fact (the teacher's noise)
     for r in world.generate("train"):
+        gold_facts = world.stated_facts(r.fields["gold_rationale"])
         for t, (sample,) in r.teachers.items():
             assert world.concluded_answer(sample.rationale) == sample.label, (t, sample)
+            facts = world.stated_facts(sample.rationale)
+            assert [(n, a) for n, a, _ in facts] == [(n, a) for n, a, _ in gold_facts], sample
+            false = sum(not world.fact_is_true(*f) for f in facts)
+            assert false == (sample.label != r.label), (t, sample, facts)
     no_rationale = world.breakdown([{"id": test[0].id, "prediction": test[0].label}])
     assert no_rationale[0]["names_in_rationale"] is None and no_rationale[0]["accuracy"] == 100.0
     assert no_rationale[0]["rationale_accuracy"] is None

@@ -537,40 +537,90 @@ def concluded_answer(rationale: str) -> str | None:
     return None
 
 
+_VALUE_ATTRIBUTE = {  # the attribute a value belongs to (the value sets are disjoint)
+    _value_text(a, v): (a, v) for a in ("class", "habitat", "size", "diet") for v in VALUES[a]
+}
+
+
+@functools.cache
+def _fact_patterns() -> list[tuple[str, re.Pattern]]:
+    """(attribute, pattern with groups name and value) of each teacher's fact sentences."""
+    out = []
+    for attribute in ("class", "habitat", "size", "diet"):
+        template = re.escape(CORPUS_TEMPLATES[attribute][0])  # alpha's phrasing
+        out.append(
+            (
+                attribute,
+                re.compile(template.replace(r"\{e\}", r"(\w+)").replace(r"\{v\}", r"(\w+)")),
+            )
+        )
+    out.append(("prey", re.compile(r"(?:The )?(\w+) hunts (?:the )?(\w+)")))
+    out.append(("beta", re.compile(r"(?:^|; )(\w+): (\w+)")))
+    return out
+
+
+def stated_facts(rationale: str) -> list[tuple[str, str, str]]:
+    """(name, attribute, value) of every fact a rationale states in either teacher's style
+    ("The dufa lives in the desert." / "dufa: desert"; "The dufa hunts the famu."), values as
+    in VALUES, in the order stated; a sentence naming no known value is not a fact."""
+    found = []
+    for attribute, pattern in _fact_patterns():
+        for m in pattern.finditer(rationale):
+            name, value = m.groups()
+            if attribute == "prey":
+                found.append((m.start(), (name, "prey", value)))
+            elif value in _VALUE_ATTRIBUTE:
+                a, v = _VALUE_ATTRIBUTE[value]
+                if attribute in ("beta", a):
+                    found.append((m.start(), (name, a, v)))
+    return [fact for _, fact in sorted(found)]
+
+
+def fact_is_true(name: str, attribute: str, value: str) -> bool:
+    """Whether a stated fact (stated_facts' triple) holds in the world; unknown names do not."""
+    entity = by_name().get(name)
+    if entity is None:
+        return False
+    return (entity.prey if attribute == "prey" else entity.value(attribute)) == value
+
+
 def breakdown(predictions: list[dict], split: str = "test") -> list[dict]:
     """Accuracy of a student's predictions (infer's JSONL rows: "id", "prediction", optionally
     "rationale") per question kind and entity group; with rationales, also the share of the
     question's animals that the rationale names (does the student copy names it never saw in
-    labelled train?) and the accuracy of the answer the rationale concludes. Rows are sorted by
-    kind, then group; a prediction whose id is not in `split` is an error."""
+    labelled train?), the share of the facts it states that are true of the world (does it know
+    them?) and the accuracy of the answer it concludes (does it reason from them?). Rows are
+    sorted by kind, then group; a prediction whose id is not in `split` is an error."""
     records = {r.id: r for r in generate(split)}
-    cells: dict[tuple[str, str], list[tuple[bool, float | None, bool | None]]] = {}
+    cells: dict[tuple[str, str], list[dict]] = {}
     for row in predictions:
         record = records.get(row["id"])
         if record is None:
             raise UserError(f"prediction id {row['id']!r} is not a world {split} problem")
-        right = row["prediction"].strip() == record.label
-        named = concluded = None
+        hit = {"right": row["prediction"].strip() == record.label}
         if "rationale" in row:
             asked = _names_in(record.input)
-            named = len(asked & _names_in(row["rationale"])) / len(asked)
-            concluded = concluded_answer(row["rationale"]) == record.label
+            hit["named"] = len(asked & _names_in(row["rationale"])) / len(asked)
+            hit["true"] = [fact_is_true(*f) for f in stated_facts(row["rationale"])]
+            hit["concluded"] = concluded_answer(row["rationale"]) == record.label
         key = (record.fields["kind"], record.fields["group"])
-        cells.setdefault(key, []).append((right, named, concluded))
+        cells.setdefault(key, []).append(hit)
+
+    def percent(values: list) -> float | None:
+        return 100.0 * sum(values) / len(values) if values else None
+
     out = []
     for (kind, group), hits in sorted(cells.items()):
-        named = [n for _, n, _ in hits if n is not None]
-        concluded = [c for _, _, c in hits if c is not None]
+        with_rationale = [h for h in hits if "named" in h]
         out.append(
             {
                 "kind": kind,
                 "group": group,
                 "n": len(hits),
-                "accuracy": 100.0 * sum(r for r, _, _ in hits) / len(hits),
-                "names_in_rationale": 100.0 * sum(named) / len(named) if named else None,
-                "rationale_accuracy": (
-                    100.0 * sum(concluded) / len(concluded) if concluded else None
-                ),
+                "accuracy": percent([h["right"] for h in hits]),
+                "names_in_rationale": percent([h["named"] for h in with_rationale]),
+                "facts_true": percent([t for h in with_rationale for t in h["true"]]),
+                "rationale_accuracy": percent([h["concluded"] for h in with_rationale]),
             }
         )
     return out
@@ -595,8 +645,9 @@ def define_flags() -> None:
         "breakdown",
         None,
         "Print a student's accuracy per question kind and entity group from infer's JSONL "
-        "predictions on world's test split (RATIONALE=True adds the share of names copied "
-        "and the accuracy of the answer each rationale concludes).",
+        "predictions on world's test split (RATIONALE=True adds the share of names copied, "
+        "of stated facts that are true, and the accuracy of the answer each rationale "
+        "concludes).",
     )
 
 
@@ -609,18 +660,20 @@ def main() -> None:
         print(f"wrote {flags.FLAGS.write_corpus}: {len(corpus())} documents")
     if flags.FLAGS.breakdown:
         rows = breakdown(read_predictions(flags.FLAGS.breakdown))
+        columns = {
+            "names_in_rationale": "names in rationale",
+            "facts_true": "facts true",
+            "rationale_accuracy": "rationale accuracy",
+        }
         print(
-            f"{'kind':<8} {'group':<7} {'n':>5} {'accuracy':>9} {'names in rationale':>19} "
-            f"{'rationale accuracy':>19}"
+            f"{'kind':<8} {'group':<7} {'n':>5} {'accuracy':>9} "
+            + " ".join(f"{title:>19}" for title in columns.values())
         )
         for r in rows:
-            named, concluded = (
-                "-" if r[k] is None else f"{r[k]:.1f}"
-                for k in ("names_in_rationale", "rationale_accuracy")
-            )
+            cells = ("-" if r[k] is None else f"{r[k]:.1f}" for k in columns)
             print(
-                f"{r['kind']:<8} {r['group']:<7} {r['n']:>5} {r['accuracy']:>9.1f} {named:>19} "
-                f"{concluded:>19}"
+                f"{r['kind']:<8} {r['group']:<7} {r['n']:>5} {r['accuracy']:>9.1f} "
+                + " ".join(f"{c:>19}" for c in cells)
             )
 
 
