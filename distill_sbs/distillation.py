@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gin
@@ -86,19 +86,6 @@ class TeacherServer:
                 f"TeacherServer: max_retries={self.max_retries} must be >= 0 and "
                 f"timeout={self.timeout} > 0"
             )
-
-    def http_config(self) -> Any:
-        """The teachers/backends.py client's settings (the key stays in the environment)."""
-        from distill_sbs.teachers.backends import HTTPConfig
-
-        return HTTPConfig(
-            self.url,
-            self.model,
-            api_key_env=self.api_key_env,
-            max_concurrency=self.max_concurrency,
-            max_retries=self.max_retries,
-            timeout=self.timeout,
-        )
 
 
 @gin.configurable
@@ -346,12 +333,18 @@ class CrossTokenizerPieces:
         return functools.partial(cross_tokenizer.divergence, self.loss, feats=feats)
 
 
+# (server, chunks of examples) -> each example's cross_tokenizer.Entry or None (not spelled):
+# teachers.topk.score_samples, annotate_topk's client, which a higher layer hands down (train.py)
+ServerScorer = Callable[[TeacherServer, list[list[dict[str, Any]]]], list[Any]]
+
+
 class ServedTeacher(CrossTokenizerPieces):
     """On-policy distillation (GKD) from a teacher of another tokenizer behind a server: before
     each train step (trainer.Teacher.before_step) the `sampling` rows' targets are drawn from
     the student by OnPolicy in a jitted call of their own (the step's key, as in the step), the
     samples are fetched to the host, detokenized (cross_tokenizer.sample_pieces) and scored with
-    their inputs through the server (teachers.topk.score_pieces, annotate_topk's client), and
+    their inputs through the server (`scorer`: teachers.topk.score_samples, annotate_topk's
+    client), and
     their pieces are aligned with the sampled tokens into the batch's PIECES_MODEL_FEATURE rows;
     the jitted train step then runs as with a pieces file. The other rows keep the pieces file's
     features (none: CE only). A sample the teacher's pieces do not spell (a character outside
@@ -360,10 +353,13 @@ class ServedTeacher(CrossTokenizerPieces):
 
     on_policy = None  # the step samples nothing itself: the rows come sampled
 
-    def __init__(self, loss: str, server: TeacherServer, sampling: OnPolicy) -> None:
+    def __init__(
+        self, loss: str, server: TeacherServer, sampling: OnPolicy, scorer: ServerScorer
+    ) -> None:
         super().__init__(loss)
         self.server = server
         self.sampling = sampling
+        self.scorer = scorer
         self._sampler: Any = None
 
     def before_step(self, trainer: Any, state: Any, batch: Mapping[str, jax.Array]) -> dict:
@@ -449,23 +445,20 @@ class ServedTeacher(CrossTokenizerPieces):
     def _score(self, examples: list[dict[str, Any]]) -> list[Any]:
         """The server's entries of `examples` (None: not spelled); one line naming the URL when
         it is down, refuses or answers without logprobs."""
-        from distill_sbs.teachers import topk
-
         if not examples:
             return []
         n = self.server.rows_per_request
         chunks = [examples[i : i + n] for i in range(0, len(examples), n)]
         try:
-            return topk.score_pieces(
-                self.server.http_config(), chunks, k=self.server.k,
-                decoder_only=self.server.decoder_only, skip_uncovered=True,
-            )  # fmt: skip
+            return self.scorer(self.server, chunks)
         except (RuntimeError, UserError) as e:
             where = "" if str(e).startswith(self.server.url) else f"{self.server.url}: "
             raise UserError(f"KD.server: scoring the student's samples: {where}{e}") from e
 
 
-def _cross_tokenizer_teacher(kd: KD, path: str | None) -> CrossTokenizerPieces:
+def _cross_tokenizer_teacher(
+    kd: KD, path: str | None, scorer: ServerScorer | None
+) -> CrossTokenizerPieces:
     """The pieces file's teacher, or the server's (KD.server), after refusing the settings it
     cannot honour (one line each)."""
     if kd.cross_tokenizer is None:
@@ -522,18 +515,24 @@ def _cross_tokenizer_teacher(kd: KD, path: str | None) -> CrossTokenizerPieces:
     if path and not storage.exists(path):
         raise UserError(f"teacher_pieces_path.path={path}: no such pieces file")
     if served:
+        if scorer is None:
+            raise ValueError("build_teacher: KD.server needs server_scorer (score_samples)")
         sampling = OnPolicy(kd.on_policy_fraction, kd.sample_temperature)
-        return ServedTeacher(kd.cross_tokenizer, kd.server, sampling)
+        return ServedTeacher(kd.cross_tokenizer, kd.server, sampling, scorer)
     return CrossTokenizerPieces(kd.cross_tokenizer)
 
 
 def build_teacher(
-    kd: KD, student_vocab_size: int, partitioner: partitioning.Partitioner
+    kd: KD,
+    student_vocab_size: int,
+    partitioner: partitioning.Partitioner,
+    server_scorer: ServerScorer | None = None,
 ) -> OnlineTeacher | OfflineTopK | CrossTokenizerPieces:
-    """The teacher source `kd` names, checked against the student's vocabulary size."""
+    """The teacher source `kd` names, checked against the student's vocabulary size.
+    server_scorer: how KD.server is asked (teachers.topk.score_samples)."""
     pieces = cross_tokenizer.teacher_pieces_path()
     if kd.cross_tokenizer is not None or pieces or kd.server is not None:
-        return _cross_tokenizer_teacher(kd, pieces)
+        return _cross_tokenizer_teacher(kd, pieces, server_scorer)
     if kd.teacher is None and kd.on_policy_fraction > 0:
         raise UserError(
             f"KD.on_policy_fraction={kd.on_policy_fraction} needs an online teacher to score the "

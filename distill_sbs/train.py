@@ -51,6 +51,7 @@ from distill_sbs.errors import UserError
 from distill_sbs.eval import TaskEvaluator
 from distill_sbs.losses import summarize_metrics
 from distill_sbs.network import T5Config
+from distill_sbs.teachers import topk
 from distill_sbs.trainer import Trainer, TrainState, add_metrics
 
 METRICS_FILE = "train_metrics.jsonl"
@@ -196,7 +197,9 @@ def setup(cfg: TrainConfig, partitioner: partitioning.Partitioner) -> Run:
     kd_args = {}
     if cfg.kd is not None:
         kd_args = {
-            "teacher": distillation.build_teacher(cfg.kd, config.vocab_size, partitioner),
+            "teacher": distillation.build_teacher(
+                cfg.kd, config.vocab_size, partitioner, topk.score_samples
+            ),
             "divergence": cfg.kd.loss_fields([n for n, _ in objectives]),
         }
     trainer = Trainer(

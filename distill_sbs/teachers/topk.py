@@ -425,6 +425,23 @@ def score_pieces(
     return out
 
 
+def score_samples(server: Any, chunks: Sequence[Sequence[dict[str, Any]]]) -> list[Any]:
+    """score_pieces with the settings of a distillation.TeacherServer (KD.server): the scorer of
+    on-policy samples in training (train.setup hands it to distillation.build_teacher); None for
+    a sample whose target the teacher's pieces do not spell."""
+    config = HTTPConfig(
+        server.url,
+        server.model,
+        api_key_env=server.api_key_env,
+        max_concurrency=server.max_concurrency,
+        max_retries=server.max_retries,
+        timeout=server.timeout,
+    )
+    return score_pieces(
+        config, chunks, k=server.k, decoder_only=server.decoder_only, skip_uncovered=True
+    )
+
+
 def _score(
     backend: ScoringBackend, chunks: Sequence[Sequence[dict[str, Any]]], config: HTTPConfig
 ) -> list[Scores]:

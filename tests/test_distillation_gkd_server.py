@@ -27,6 +27,7 @@ from distill_sbs.generation import token_text
 from distill_sbs.losses import SAMPLED_FEATURE
 from distill_sbs.models import EncoderDecoderModel
 from distill_sbs.partitioning import STANDARD_RULES, Partitioner, create_mesh
+from distill_sbs.teachers.topk import score_samples as SCORER
 from distill_sbs.trainer import SAMPLING_STREAM, Trainer, TrainState
 
 KEY_ENV, SECRET = "DSS_TEST_GKD_SERVER_KEY", "sk-gkd-server-5b1e"
@@ -155,7 +156,7 @@ def _trainer(url: str, vocab, teacher=None) -> Trainer:
         part,
         WEIGHTS,
         dropout_seed=SEED,
-        teacher=teacher or distillation.build_teacher(kd, 256, part),
+        teacher=teacher or distillation.build_teacher(kd, 256, part, SCORER),
         divergence=kd.loss_fields(["label", "rationale"]),
     )
 
@@ -330,7 +331,7 @@ def test_a_server_down_or_without_logprobs_is_one_line_naming_it(batch, vocab, m
     b = batch[0]
 
     def score(url: str) -> str:
-        teacher = distillation.build_teacher(_kd(url, max_retries=1), 256, part)
+        teacher = distillation.build_teacher(_kd(url, max_retries=1), 256, part, SCORER)
         with pytest.raises(UserError) as e:
             teacher.sampled_pieces(b, np.array(ROWS), vocab)
         assert "\n" not in str(e.value) and SECRET not in str(e.value)
@@ -365,12 +366,12 @@ def test_bad_settings_are_one_line_each(batch, vocab):
     gin.clear_config()
     for kw, needle in cases:
         with pytest.raises(UserError, match=needle) as e:
-            distillation.build_teacher(distillation.KD(server=server, **kw), 256, part)
+            distillation.build_teacher(distillation.KD(server=server, **kw), 256, part, SCORER)
         assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=r"TeacherServer.k=0: must be >= 1"):
         distillation.TeacherServer("u", "m", k=0)
     # a pieces file of another k than the server's
-    teacher = distillation.build_teacher(distillation.KD(server=server, **base), 256, part)
+    teacher = distillation.build_teacher(distillation.KD(server=server, **base), 256, part, SCORER)
     wide = np.zeros((4, LENGTH * (4 * 8 + 7)), np.int32)
     with pytest.raises(UserError, match=r"holds k=8 top log-probs, TeacherServer.k=4"):
         teacher.sampled_pieces(batch[0], np.array(ROWS), vocab, wide)
