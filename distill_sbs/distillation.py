@@ -344,8 +344,8 @@ class ServedTeacher(CrossTokenizerPieces):
     the student by OnPolicy in a jitted call of their own (the step's key, as in the step), the
     samples are fetched to the host, detokenized (cross_tokenizer.sample_pieces) and scored with
     their inputs through the server (`scorer`: teachers.topk.score_samples, annotate_topk's
-    client), and
-    their pieces are aligned with the sampled tokens into the batch's PIECES_MODEL_FEATURE rows;
+    client), and their pieces are aligned with the sampled tokens into the batch's
+    PIECES_MODEL_FEATURE rows;
     the jitted train step then runs as with a pieces file. The other rows keep the pieces file's
     features (none: CE only). A sample the teacher's pieces do not spell (a character outside
     its vocabulary, whitespace its tokenizer normalizes) gets no divergence term, and is logged.
