@@ -1,6 +1,8 @@
 """The embedded world (docs/world.md; no external files): `world_<method>` for every method and
 `world_span_corruption`, T5's span-corruption pretraining over the world's encyclopedia corpus,
-`world_facts`, single-fact questions about every entity, and `world_pretraining`, the two mixed.
+`world_facts`, single-fact questions about every entity, and `world_pretraining`, the two mixed;
+`world_reading`, the labelled tasks' questions with their facts given, about made-up animals, and
+`world_pretraining_reading`, all three mixed.
 
 Generated deterministically by distill_sbs.data.world: train 400 problems over 40 "seen"
 animals, test 1,200 (600 over seen animals, 600 over animals only the corpus describes), two
@@ -39,3 +41,15 @@ FACTS = register_text_pairs_task(
 seqio.MixtureRegistry.remove("world_pretraining")
 seqio.MixtureRegistry.add("world_pretraining", [(PRETRAINING, 1.0), (FACTS, 1.0)])
 PRETRAINING_MIXTURE = "world_pretraining"
+READING = register_text_pairs_task(
+    "world_reading",
+    vocabulary=world.vocabulary(),
+    pairs=world.reading_questions,
+    splits=("train", "validation"),
+)
+# The fourth design (docs/world.md): the same, with reading questions (the labelled tasks'
+# reasoning over facts given in the input, about made-up animals) at an equal rate.
+seqio.MixtureRegistry.remove("world_pretraining_reading")
+seqio.MixtureRegistry.add(
+    "world_pretraining_reading", [(PRETRAINING, 1.0), (FACTS, 1.0), (READING, 1.0)]
+)

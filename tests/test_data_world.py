@@ -174,6 +174,65 @@ def test_fact_questions_state_the_asked_facts_in_order_in_the_corpus_phrasings()
     assert not labelled & {q for q, _ in world.fact_questions("train")}
 
 
+def _facts_stated_in(text: str, templates=world.TEMPLATES) -> dict[tuple[str, str], str]:
+    """{(name, attribute): value} of every fact sentence of `text`, in any of TEMPLATES'
+    phrasings (an independent reading of the input, for the reading questions' answers)."""
+    plural = {v: k for k, v in world.CLASSES.items()}
+    facts = {}
+    for attribute, phrasings in templates.items():
+        for t in phrasings:
+            pattern = re.escape(t).replace(r"\{e\}", r"(?P<e>\w+)").replace(r"\{v\}", r"(?P<v>\w+)")
+            for m in re.finditer(pattern, text):
+                value = m["v"]
+                if attribute == "class":
+                    value = plural.get(value)
+                if attribute == "prey" or value in world.VALUES[attribute]:
+                    facts[(m["e"], attribute)] = value
+    return facts
+
+
+def test_reading_questions_are_answered_by_the_facts_they_state():
+    """Each reading question's answer follows from the facts in its input (read back with every
+    phrasing), about names that no world entity has; the kinds and answers are spread; the
+    validation split states its facts in the held-out phrasings only."""
+    size_rank = world.SIZE_ORDER.index
+    for split in ("train", "validation"):
+        pairs = world.reading_questions(split)
+        assert len(pairs) == world.READING_QUESTIONS_PER_SPLIT[split]
+        kinds = Counter()
+        for text, answer in pairs:
+            facts = _facts_stated_in(text)
+            names = {n for n, _ in facts} | {v for (_, a), v in facts.items() if a == "prey"}
+            assert not names & set(E), text
+            if m := re.search(r"How many of them (?:are|live in the|feed on) (\w+)\?$", text):
+                asked = {v: k for k, v in world.CLASSES.items()}.get(m[1], m[1])
+                listed = re.findall(r"the (\w+)", text.split(". ")[0])
+                expected = str(
+                    sum(asked in {v for (n, _), v in facts.items() if n == e} for e in listed)
+                )
+                kinds["count"] += 1
+            elif m := re.search(r"Which is (larger|smaller), the (\w+) or the (\w+)\?$", text):
+                a, b = facts[(m[2], "size")], facts[(m[3], "size")]
+                expected = m[2] if (size_rank(a) > size_rank(b)) == (m[1] == "larger") else m[3]
+                kinds["compare"] += 1
+            else:
+                m = re.search(r"the animal that the (\w+) hunts", text)
+                prey = facts[(m[1], "prey")]
+                attribute = "habitat" if "live?" in text else "size" if "big" in text else "diet"
+                expected = facts[(prey, attribute)]
+                kinds["two_hop"] += 1
+            assert answer == expected, (text, answer)
+            if split == "validation":  # no fact in a corpus phrasing
+                assert not _facts_stated_in(text, world.CORPUS_TEMPLATES), text
+        assert set(kinds) == {"count", "compare", "two_hop"}, kinds
+        if split == "train":
+            counts = Counter(a for t, a in pairs if "How many" in t)
+            assert set(counts) == {"0", "1", "2", "3"} and min(counts.values()) > 0.1 * sum(
+                counts.values()
+            )
+    assert world.reading_questions("train") == world.reading_questions("train")  # deterministic
+
+
 def test_cloze_probes():
     probes = world.cloze_probes()
     assert len(probes) == 240 * 4 * 3

@@ -16,6 +16,7 @@ import itertools
 import os
 import random
 import re
+from collections.abc import Mapping, Sequence
 
 import seqio
 from absl import flags
@@ -33,7 +34,7 @@ TEACHERS = ("alpha", "beta")
 NOISE = 0.12
 EXTRA_IDS = 100
 VOCAB_FILE = os.path.join(os.path.dirname(__file__), "assets", "world_spm.model")
-_SEEDS = {"world": 20, "corpus": 21, "train": 22, "test": 23, "facts": 24}
+_SEEDS = {"world": 20, "corpus": 21, "train": 22, "test": 23, "facts": 24, "reading": 25}
 
 CLASSES = {"bird": "birds", "fish": "fish", "insect": "insects", "mammal": "mammals",
            "reptile": "reptiles"}  # fmt: skip
@@ -474,6 +475,74 @@ def generate(split: str, n: int | None = None) -> list[Record]:
             )
         )
     return records
+
+
+# ---- reading questions (pretraining) -----------------------------------------------------------
+# The labelled tasks' questions with their facts written into the input, about made-up animals
+# outside the world (names from the syllable pairs no entity has, random facts): a stage of
+# pretraining that teaches the reasoning step (count, compare, follow a hunt) over facts one is
+# given, as reading-comprehension data teaches a pretrained model, while the labelled tasks need
+# the facts recalled from memory (docs/world.md "Fourth design").
+
+READING_QUESTIONS_PER_SPLIT = {"train": 6000, "validation": 300}
+
+
+def _reading_pool(rng: random.Random, free: list[str]) -> list[Entity]:
+    names = rng.sample(free, 10)
+    return [
+        Entity(n, rng.choice(VALUES["class"]), rng.choice(HABITATS), rng.choice(SIZE_ORDER),
+               rng.choice(DIETS), None, False)
+        for n in names
+    ]  # fmt: skip
+
+
+def _stated(e: Entity, attribute: str, value: str, templates: Mapping[str, Sequence[str]],
+            rng: random.Random) -> str:  # fmt: skip
+    return rng.choice(templates[attribute]).format(e=e.name, v=_value_text(attribute, value))
+
+
+def reading_questions(split: str) -> tuple[tuple[str, str], ...]:
+    """(input, answer) pairs: a count, compare or two-hop question as the labelled tasks ask it,
+    its facts stated in the input (corpus phrasings; "validation": the held-out ones), about
+    made-up animals whose names no world entity has; answers as the labelled tasks' labels."""
+    if split not in READING_QUESTIONS_PER_SPLIT:
+        raise ValueError(
+            f"the world's reading questions have splits train, validation; not {split!r}"
+        )
+    templates = CORPUS_TEMPLATES if split == "train" else {
+        a: [t] for a, t in HELD_OUT_TEMPLATES.items()
+    }  # fmt: skip
+    taken = {e.name for e in entities()}
+    free = [a + b for a in SYLLABLES for b in SYLLABLES if a + b not in taken]
+    rng = random.Random(_SEEDS["reading"] + (split == "validation"))
+    kinds = [k for k, w in _KINDS for _ in range(w)]
+    pairs = []
+    while len(pairs) < READING_QUESTIONS_PER_SPLIT[split]:
+        pool = _reading_pool(rng, free)
+        kind = rng.choice(kinds)
+        if kind is _two_hop:
+            hunter, prey, other = pool[:3]
+            attribute = rng.choice(list(_HOP_QUESTIONS))
+            facts = [
+                rng.choice(templates["prey"]).format(e=hunter.name, v=prey.name),
+                _stated(prey, attribute, prey.value(attribute), templates, rng),
+                _stated(other, attribute, other.value(attribute), templates, rng),
+            ]
+            rng.shuffle(facts)
+            question = _HOP_QUESTIONS[attribute][0].format(e=hunter.name)
+            pairs.append((f"{' '.join(facts)} {question}", prey.value(attribute)))
+            continue
+        problem = kind(rng, pool, rng.choice(_PEOPLE))
+        if problem is None:
+            continue
+        facts = " ".join(_stated(e, a, v, templates, rng) for e, a, v in problem.facts)
+        if kind is _count:  # after "Ann saw the a, the b and the c."
+            seen_part, question = problem.question.split(". ", 1)
+            text = f"{seen_part}. {facts} {question}"
+        else:
+            text = f"{facts} {problem.question}"
+        pairs.append((text, problem.answer))
+    return tuple(pairs)
 
 
 # ---- vocabulary --------------------------------------------------------------------------------
