@@ -1,5 +1,6 @@
 """`python -m distill_sbs.serve` as a test's subprocess on 127.0.0.1, over a tiny random-weight
-T5 checkpoint the test saves."""
+T5 checkpoint the test saves; and our server in the test's own process (a teacher scored over
+HTTP)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,27 @@ def serving(
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def tiny_world_teacher(directory: str):
+    """(model, params) of a tiny random T5 over the world's SentencePiece (609 pieces, 1,024 ids):
+    a teacher with another vocabulary than arith's 256."""
+    import distill_sbs
+    from distill_sbs.data.world import VOCAB_FILE
+
+    return distill_sbs.load(save_tiny_checkpoint(directory, VOCAB_FILE, vocab_size=1024))
+
+
+@contextlib.contextmanager
+def in_process_server(model_and_params, api_key: str, key_env: str) -> Iterator[str]:
+    """Our server over (model, params) in this process on 127.0.0.1, with its key also in the
+    environment variable `key_env` (a client's api_key_env) while it runs; yields its base URL."""
+    import pytest
+
+    from distill_sbs.generation import ModelGenerator
+    from distill_sbs.serve import Server
+
+    gen = ModelGenerator(*model_and_params, max_input_length=128, max_batch_size=8)
+    with pytest.MonkeyPatch.context() as mp, Server(gen, api_key=api_key, model_name="tiny") as s:
+        mp.setenv(key_env, api_key)
+        yield s.base_url

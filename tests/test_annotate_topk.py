@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 import requests
-from _serve_proc import save_tiny_checkpoint, serving
+from _serve_proc import in_process_server, save_tiny_checkpoint, serving, tiny_world_teacher
 
 from distill_sbs.teachers.backends import HTTPConfig
 
@@ -221,22 +221,13 @@ def test_token_text_names_ids_without_a_piece(t5_vocab):
 @pytest.fixture(scope="module")
 def world_teacher(tmp_path_factory):
     """A tiny T5 over the world's SentencePiece (709 ids): another vocabulary than arith's 256."""
-    import distill_sbs
-    from distill_sbs.data.world import VOCAB_FILE
-
-    path = str(tmp_path_factory.mktemp("world") / "teacher")
-    return distill_sbs.load(save_tiny_checkpoint(path, VOCAB_FILE, vocab_size=1024))
+    return tiny_world_teacher(str(tmp_path_factory.mktemp("world") / "teacher"))
 
 
 @pytest.fixture(scope="module")
 def world_server(world_teacher):
-    from distill_sbs.generation import ModelGenerator
-    from distill_sbs.serve import Server
-
-    gen = ModelGenerator(*world_teacher, max_input_length=128, max_batch_size=8)
-    with pytest.MonkeyPatch.context() as mp, Server(gen, api_key=SECRET, model_name="tiny") as s:
-        mp.setenv(KEY_ENV, SECRET)
-        yield s.base_url
+    with in_process_server(world_teacher, SECRET, KEY_ENV) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

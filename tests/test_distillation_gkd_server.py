@@ -16,7 +16,7 @@ import optax
 import pytest
 import requests
 import seqio
-from _serve_proc import save_tiny_checkpoint
+from _serve_proc import in_process_server, tiny_world_teacher
 from _tiny_t5 import tiny_config
 
 from distill_sbs import cross_tokenizer, distillation
@@ -42,17 +42,9 @@ ROWS = [1, 3]  # OnPolicy(0.5).rows(4): rows 0 and 2 keep their gold targets
 @pytest.fixture(scope="module")
 def world_server(tmp_path_factory):
     """Our server over a tiny T5 of the world vocabulary (609 pieces, not the student's 256)."""
-    import distill_sbs
-    from distill_sbs.data.world import VOCAB_FILE
-    from distill_sbs.generation import ModelGenerator
-    from distill_sbs.serve import Server
-
-    path = str(tmp_path_factory.mktemp("world") / "teacher")
-    teacher = distill_sbs.load(save_tiny_checkpoint(path, VOCAB_FILE, vocab_size=1024))
-    gen = ModelGenerator(*teacher, max_input_length=128, max_batch_size=8)
-    with pytest.MonkeyPatch.context() as mp, Server(gen, api_key=SECRET, model_name="tiny") as s:
-        mp.setenv(KEY_ENV, SECRET)
-        yield s.base_url
+    teacher = tiny_world_teacher(str(tmp_path_factory.mktemp("world") / "teacher"))
+    with in_process_server(teacher, SECRET, KEY_ENV) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
