@@ -361,6 +361,7 @@ class ServedTeacher(CrossTokenizerPieces):
         self.sampling = sampling
         self.scorer = scorer
         self._sampler: Any = None
+        self._lookup: Callable[[str], int | None] | None = None  # built once, at the first step
 
     def before_step(self, trainer: Any, state: Any, batch: Mapping[str, jax.Array]) -> dict:
         """The batch with the sampled rows' targets and their teacher pieces (host round trip)."""
@@ -426,10 +427,11 @@ class ServedTeacher(CrossTokenizerPieces):
                              "targets_text": text})  # fmt: skip
             samples.append((r, ids, pieces, spans))
         entries = self._score(examples)
-        lookup = cross_tokenizer.sentencepiece_lookup(tok)
+        if self._lookup is None:  # a map over the whole vocabulary: not rebuilt every step
+            self._lookup = cross_tokenizer.sentencepiece_lookup(tok)
         for (r, ids, pieces, spans), entry in zip(samples, entries, strict=True):
             if entry is not None:
-                f = cross_tokenizer.features(entry, ids, pieces, lookup, k, length, spans)
+                f = cross_tokenizer.features(entry, ids, pieces, self._lookup, k, length, spans)
                 out[r] = cross_tokenizer.encode(f).reshape(-1)
         skipped = sum(e is None for e in entries)
         if skipped:
