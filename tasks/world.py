@@ -2,7 +2,8 @@
 `world_span_corruption`, T5's span-corruption pretraining over the world's encyclopedia corpus,
 `world_facts`, single-fact questions about every entity, and `world_pretraining`, the two mixed;
 `world_reading`, the labelled tasks' questions with their facts given, about made-up animals, and
-`world_pretraining_reading`, all three mixed.
+`world_pretraining_reading`, all three mixed; `world_traits_<method>`, one-fact yes/no trait
+questions (the world's easier tier).
 
 Generated deterministically by distill_sbs.data.world: train 400 problems over 40 "seen"
 animals, test 1,200 (600 over seen animals, 600 over animals only the corpus describes), two
@@ -19,6 +20,15 @@ from distill_sbs.data.pretraining import register_span_corruption_task, register
 NAMES = register_dataset(
     "world",
     loader=world.generate,
+    splits=tuple(world.SIZES),
+    metric="accuracy",
+    vocabulary=world.vocabulary(),
+    teachers=world.TEACHERS,
+)
+# The one-fact tier (docs/world.md "Fifth design"): yes/no trait questions about one animal.
+TRAIT_NAMES = register_dataset(
+    "world_traits",
+    loader=world.trait_problems,
     splits=tuple(world.SIZES),
     metric="accuracy",
     vocabulary=world.vocabulary(),

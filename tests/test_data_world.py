@@ -104,6 +104,63 @@ def test_teachers_are_noisy_in_two_styles():
         assert len(changed) == (0 if alpha.label == r.label else 1), alpha.rationale
 
 
+# The trait questions' rules, restated from docs/world.md (not read from the generator).
+TRAIT_RULES = {
+    "feathers": ("class", {"bird"}),
+    "fur": ("class", {"mammal"}),
+    "swim": ("habitat", {"river", "swamp"}),
+    "heat": ("habitat", {"desert", "grassland"}),
+    "hand": ("size", {"tiny", "small"}),
+    "hunter": ("diet", {"meat"}),
+}
+
+
+def test_trait_questions_follow_their_rule_from_one_fact():
+    """world_traits: one animal, a yes/no answer that its one fact gives by the question's rule;
+    splits as the world's (test half unseen animals), yes and no about equally often, teachers
+    noisy in two styles by one false fact, and words the shipped vocabulary spells."""
+    train, test = world.trait_problems("train"), world.trait_problems("test")
+    assert (len(train), len(test)) == (400, 1200) and world.trait_problems("train") == train
+    assert not {r.input for r in train} & {r.input for r in test}
+    assert not {r.id for r in test} & {r.id for r in world.generate("test")}
+    seen = {e.name for e in world.entities() if e.seen}
+    vocab = world.vocabulary()
+    for r in train + test:
+        m = re.fullmatch(r"\w+ saw the (\w+)\. (?:\w+ )+?(\w+)\?", r.input)
+        assert m, r.input
+        name, key = m.groups()
+        attribute, yes = TRAIT_RULES[key]
+        assert r.label == ("yes" if E[name].value(attribute) in yes else "no"), r.input
+        assert (name in seen) == (r.fields["group"] == "seen") and r.fields["kind"] == "trait"
+        gold = world.stated_facts(r.fields["gold_rationale"])
+        assert gold == [(name, attribute, E[name].value(attribute))], r.fields["gold_rationale"]
+        for t, (sample,) in r.teachers.items():
+            assert world.concluded_answer(sample.rationale) == sample.label, (t, sample)
+            (fact,) = world.stated_facts(sample.rationale)
+            assert fact[:2] == (name, attribute) and world.fact_is_true(*fact) == (
+                sample.label == r.label
+            ), sample
+        assert 2 not in vocab.encode(r.input) and vocab.decode(vocab.encode(r.input)) == r.input
+    assert Counter(r.fields["group"] for r in test) == {"seen": 600, "unseen": 600}
+    assert all(r.fields["group"] == "seen" for r in train)
+    for split in (train, test):
+        assert 0.4 < sum(r.label == "yes" for r in split) / len(split) < 0.6
+        assert set(Counter(re.search(r"(\w+)\?$", r.input)[1] for r in split)) == set(TRAIT_RULES)
+    for t in world.TEACHERS:
+        wrong = sum(r.teachers[t][0].label != r.label for r in train + test)
+        assert 0.08 < wrong / 1600 < 0.16, t
+    per_entity = Counter(n for r in train for n in _names(r.input))
+    assert set(per_entity) == seen and min(per_entity.values()) >= 3  # 10 on average
+    rows = world.breakdown(
+        [{"id": r.id, "prediction": r.label, "rationale": r.fields["gold_rationale"]} for r in test]
+    )
+    assert [(r["kind"], r["group"], r["n"]) for r in rows] == [
+        ("trait", "seen", 600),
+        ("trait", "unseen", 600),
+    ]
+    assert all(r["accuracy"] == r["facts_true"] == r["rationale_accuracy"] == 100.0 for r in rows)
+
+
 def test_corpus_states_every_fact_without_the_probe_traps():
     corpus = world.corpus()
     assert len(corpus) == 240 * world.DOCS_PER_ENTITY
@@ -387,5 +444,11 @@ def test_compare_config_trains_the_world_students():
             vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
             assert vocab.vocab_size <= T5Config().vocab_size
         assert gin.query_parameter("compare.baseline_dataset") == "world"
+        gin.clear_config()
+        cli.parse_gin(["world/traits.gin"], [])
+        runs = gin.query_parameter("compare.runs")
+        assert runs == {"dss": "world_traits_dss", "finetune": "world_traits_finetune"}
+        assert all(seqio.get_mixture_or_task(task) for task in runs.values())
+        assert gin.query_parameter("compare.baseline_dataset") == "world_traits"
     finally:
         gin.clear_config()

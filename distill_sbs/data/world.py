@@ -34,7 +34,8 @@ TEACHERS = ("alpha", "beta")
 NOISE = 0.12
 EXTRA_IDS = 100
 VOCAB_FILE = os.path.join(os.path.dirname(__file__), "assets", "world_spm.model")
-_SEEDS = {"world": 20, "corpus": 21, "train": 22, "test": 23, "facts": 24, "reading": 25}
+_SEEDS = {"world": 20, "corpus": 21, "train": 22, "test": 23, "facts": 24, "reading": 25,
+          "traits_train": 26, "traits_test": 27}
 
 CLASSES = {"bird": "birds", "fish": "fish", "insect": "insects", "mammal": "mammals",
            "reptile": "reptiles"}  # fmt: skip
@@ -407,7 +408,46 @@ def _two_hop(rng: random.Random, pool: list[Entity], person: str) -> _Problem | 
     return _Problem("two_hop", question.format(e=e.name), prey.value(attribute), facts, conclude)
 
 
+# Trait questions, the one-fact tier (docs/world.md "Fifth design"): one animal and a yes/no
+# question whose answer follows from one of its facts by a rule the question never states (fur:
+# the mammals). The rule is learnt from the labelled problems; the fact must be recalled. The
+# words are spelt from the world vocabulary's pieces (a vocabulary predates the tasks it serves).
+TRAITS = {  # question -> (attribute, values for which the answer is yes)
+    "Does it have feathers?": ("class", ("bird",)),
+    "Does it have fur?": ("class", ("mammal",)),
+    "Can it swim?": ("habitat", ("river", "swamp")),
+    "Does it like the heat?": ("habitat", ("desert", "grassland")),
+    "Could one hold it in one hand?": ("size", ("tiny", "small")),
+    "Is it a hunter?": ("diet", ("meat",)),
+}
+
+
+def _trait(rng: random.Random, pool: list[Entity], person: str) -> _Problem | None:
+    question, (attribute, yes_values) = rng.choice(list(TRAITS.items()))
+    want = rng.random() < 0.5  # yes and no equally often, whatever the rule's share of animals
+    matching = [e for e in pool if (e.value(attribute) in yes_values) == want]
+    if not matching:
+        return None
+    e = rng.choice(matching)
+
+    def conclude(facts):
+        ((_, _, value),) = facts
+        answer = "yes" if value in yes_values else "no"
+        return answer, answer
+
+    facts = [(e, attribute, e.value(attribute))]
+    text = f"{person} saw the {e.name}. {question}"
+    return _Problem("trait", text, "yes" if want else "no", facts, conclude)
+
+
 _KINDS = ((_count, 2), (_compare, 1), (_two_hop, 1))
+# dataset -> (its kinds with their weights, the id prefix and the seeds of its splits)
+_DATASETS = {
+    "world": (_KINDS, "world", {"train": _SEEDS["train"], "test": _SEEDS["test"]}),
+    "world_traits": (
+        ((_trait, 1),), "traits", {"train": _SEEDS["traits_train"], "test": _SEEDS["traits_test"]}
+    ),
+}
 
 
 def _rationale(problem: _Problem, facts, style: str) -> tuple[str, str]:
@@ -440,16 +480,18 @@ def _noisy_facts(problem: _Problem, rng: random.Random):
     return None
 
 
-def generate(split: str, n: int | None = None) -> list[Record]:
-    """Records of one split: train over seen entities; test half seen, half unseen entities."""
+def generate(split: str, n: int | None = None, dataset: str = "world") -> list[Record]:
+    """Records of one split of `dataset` ("world": count, compare and two-hop questions;
+    "world_traits": trait questions): train over seen entities; test half seen, half unseen."""
     if split not in SIZES:
         raise ValueError(f"world has splits {sorted(SIZES)}, not {split!r}")
     n = SIZES[split] if n is None else n
-    rng = random.Random(_SEEDS[split])
+    weighted, prefix, seeds = _DATASETS[dataset]
+    rng = random.Random(seeds[split])
     seen = [e for e in entities() if e.seen]
     unseen = [e for e in entities() if not e.seen]
-    exclude = {r.input for r in generate("train")} if split != "train" else set()
-    kinds = [k for k, w in _KINDS for _ in range(w)]
+    exclude = {r.input for r in generate("train", dataset=dataset)} if split != "train" else set()
+    kinds = [k for k, w in weighted for _ in range(w)]
     records: list[Record] = []
     questions: set[str] = set()
     while len(records) < n:
@@ -467,7 +509,7 @@ def generate(split: str, n: int | None = None) -> list[Record]:
         gold, _ = _rationale(problem, problem.facts, "alpha")
         records.append(
             Record(
-                id=f"world-{split}-{len(records)}",
+                id=f"{prefix}-{split}-{len(records)}",
                 input=problem.question,
                 label=problem.answer,
                 teachers=teachers,
@@ -475,6 +517,11 @@ def generate(split: str, n: int | None = None) -> list[Record]:
             )
         )
     return records
+
+
+def trait_problems(split: str, n: int | None = None) -> list[Record]:
+    """The trait questions' records (world_traits): as `generate`, one-fact yes/no questions."""
+    return generate(split, n, dataset="world_traits")
 
 
 # ---- reading questions (pretraining) -----------------------------------------------------------
@@ -594,6 +641,7 @@ _CONCLUSIONS = (  # the closing of a rationale in either teacher's style -> its 
     r"So the (\w+) is (?:larger|smaller)",
     r"So it (?:lives in the|is|feeds on) (\w+)",
     r"; so (\w+)\.?$",
+    r"So (yes|no)\.",
 )
 
 
@@ -660,7 +708,7 @@ def breakdown(predictions: list[dict], split: str = "test") -> list[dict]:
     labelled train?), the share of the facts it states that are true of the world (does it know
     them?) and the accuracy of the answer it concludes (does it reason from them?). Rows are
     sorted by kind, then group; a prediction whose id is not in `split` is an error."""
-    records = {r.id: r for r in generate(split)}
+    records = {r.id: r for dataset in _DATASETS for r in generate(split, dataset=dataset)}
     cells: dict[tuple[str, str], list[dict]] = {}
     for row in predictions:
         record = records.get(row["id"])
