@@ -34,8 +34,16 @@ TEACHERS = ("alpha", "beta")
 NOISE = 0.12
 EXTRA_IDS = 100
 VOCAB_FILE = os.path.join(os.path.dirname(__file__), "assets", "world_spm.model")
-_SEEDS = {"world": 20, "corpus": 21, "train": 22, "test": 23, "facts": 24, "reading": 25,
-          "traits_train": 26, "traits_test": 27}
+_SEEDS = {
+    "world": 20,
+    "corpus": 21,
+    "train": 22,
+    "test": 23,
+    "facts": 24,
+    "reading": 25,
+    "traits_train": 26,
+    "traits_test": 27,
+}
 
 CLASSES = {"bird": "birds", "fish": "fish", "insect": "insects", "mammal": "mammals",
            "reptile": "reptiles"}  # fmt: skip
@@ -445,7 +453,9 @@ _KINDS = ((_count, 2), (_compare, 1), (_two_hop, 1))
 _DATASETS = {
     "world": (_KINDS, "world", {"train": _SEEDS["train"], "test": _SEEDS["test"]}),
     "world_traits": (
-        ((_trait, 1),), "traits", {"train": _SEEDS["traits_train"], "test": _SEEDS["traits_test"]}
+        ((_trait, 1),),
+        "traits",
+        {"train": _SEEDS["traits_train"], "test": _SEEDS["traits_test"]},
     ),
 }
 
