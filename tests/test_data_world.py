@@ -14,7 +14,7 @@ import pytest
 from _tiny_t5 import tiny_config
 
 import distill_sbs.optimizers  # noqa: F401  (registers create_optimizer)
-from distill_sbs.data import pretraining, world
+from distill_sbs.data import preprocessors, pretraining, world
 
 E = world.by_name()
 PLURAL = {v: k for k, v in world.CLASSES.items()}
@@ -123,7 +123,8 @@ def test_trait_questions_follow_their_rule_from_one_fact():
     assert (len(train), len(test)) == (400, 1200) and world.trait_problems("train") == train
     assert not {r.input for r in train} & {r.input for r in test}
     assert not {r.id for r in test} & {r.id for r in world.generate("test")}
-    seen = {e.name for e in world.entities() if e.seen}
+    seen = {e.name for e in world.labelled_entities("world_traits")}
+    assert len(seen) == 120 and {e.name for e in world.entities() if e.seen} <= seen
     vocab = world.vocabulary()
     for r in train + test:
         m = re.fullmatch(r"\w+ saw the (\w+)\. (?:\w+ )+?(\w+)\?", r.input)
@@ -149,8 +150,8 @@ def test_trait_questions_follow_their_rule_from_one_fact():
     for t in world.TEACHERS:
         wrong = sum(r.teachers[t][0].label != r.label for r in train + test)
         assert 0.08 < wrong / 1600 < 0.16, t
-    per_entity = Counter(n for r in train for n in _names(r.input))
-    assert set(per_entity) == seen and min(per_entity.values()) >= 3  # 10 on average
+    # about 3 problems per animal: too few to answer from a name
+    assert len(Counter(n for r in train for n in _names(r.input))) > 100
     rows = world.breakdown(
         [{"id": r.id, "prediction": r.label, "rationale": r.fields["gold_rationale"]} for r in test]
     )
@@ -159,6 +160,16 @@ def test_trait_questions_follow_their_rule_from_one_fact():
         ("trait", "unseen", 600),
     ]
     assert all(r["accuracy"] == r["facts_true"] == r["rationale_accuracy"] == 100.0 for r in rows)
+    # a Fine-tune-CoT student's output is read as rationale and answer: here a wrong teacher's
+    # (one false fact, the wrong answer concluded)
+    r = next(r for r in test if r.teachers["alpha"][0].label != r.label)
+    (sample,) = r.teachers["alpha"]
+    cot = {"id": r.id, "prediction": preprocessors.cot_target(sample.rationale, sample.label)}
+    (row,) = world.breakdown([cot])
+    assert (row["accuracy"], row["names_in_rationale"], row["facts_true"]) == (0.0, 100.0, 0.0)
+    assert row["rationale_accuracy"] == 0.0
+    cot["prediction"] = preprocessors.cot_target(r.fields["gold_rationale"], r.label)
+    assert world.breakdown([cot])[0]["accuracy"] == 100.0
 
 
 def test_corpus_states_every_fact_without_the_probe_traps():

@@ -25,6 +25,7 @@ from distill_sbs import program, storage
 from distill_sbs.data import preprocessors
 from distill_sbs.data.records import Record, RecordError, TeacherSample, iter_json_lines
 from distill_sbs.errors import UserError
+from distill_sbs.parsing import parse_chain_of_thought
 
 NUM_ENTITIES = 240
 NUM_SEEN = 40  # entities that appear in labelled train problems; the others only in the corpus
@@ -449,15 +450,34 @@ def _trait(rng: random.Random, pool: list[Entity], person: str) -> _Problem | No
 
 
 _KINDS = ((_count, 2), (_compare, 1), (_two_hop, 1))
-# dataset -> (its kinds with their weights, the id prefix and the seeds of its splits)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dataset:
+    kinds: tuple  # (problem maker, weight)
+    prefix: str  # of the record ids
+    seeds: dict[str, int]  # split -> seed
+    labelled: int  # train problems are about entities()[:labelled]; the rest appear only in test
+
+
 _DATASETS = {
-    "world": (_KINDS, "world", {"train": _SEEDS["train"], "test": _SEEDS["test"]}),
-    "world_traits": (
+    "world": _Dataset(
+        _KINDS, "world", {"train": _SEEDS["train"], "test": _SEEDS["test"]}, NUM_SEEN
+    ),
+    # 400 problems over 120 animals, about 3 each: too few to answer from an animal's name, so
+    # the rule has to be learnt; 120 others only in test.
+    "world_traits": _Dataset(
         ((_trait, 1),),
         "traits",
         {"train": _SEEDS["traits_train"], "test": _SEEDS["traits_test"]},
+        120,
     ),
 }
+
+
+def labelled_entities(dataset: str = "world") -> tuple[Entity, ...]:
+    """The entities of `dataset`'s labelled train problems (its "seen" group in test)."""
+    return entities()[: _DATASETS[dataset].labelled]
 
 
 def _rationale(problem: _Problem, facts, style: str) -> tuple[str, str]:
@@ -496,12 +516,12 @@ def generate(split: str, n: int | None = None, dataset: str = "world") -> list[R
     if split not in SIZES:
         raise ValueError(f"world has splits {sorted(SIZES)}, not {split!r}")
     n = SIZES[split] if n is None else n
-    weighted, prefix, seeds = _DATASETS[dataset]
-    rng = random.Random(seeds[split])
-    seen = [e for e in entities() if e.seen]
-    unseen = [e for e in entities() if not e.seen]
+    spec = _DATASETS[dataset]
+    rng = random.Random(spec.seeds[split])
+    seen = list(labelled_entities(dataset))
+    unseen = list(entities()[spec.labelled :])
     exclude = {r.input for r in generate("train", dataset=dataset)} if split != "train" else set()
-    kinds = [k for k, w in weighted for _ in range(w)]
+    kinds = [k for k, w in spec.kinds for _ in range(w)]
     records: list[Record] = []
     questions: set[str] = set()
     while len(records) < n:
@@ -519,7 +539,7 @@ def generate(split: str, n: int | None = None, dataset: str = "world") -> list[R
         gold, _ = _rationale(problem, problem.facts, "alpha")
         records.append(
             Record(
-                id=f"{prefix}-{split}-{len(records)}",
+                id=f"{spec.prefix}-{split}-{len(records)}",
                 input=problem.question,
                 label=problem.answer,
                 teachers=teachers,
@@ -724,12 +744,17 @@ def breakdown(predictions: list[dict], split: str = "test") -> list[dict]:
         record = records.get(row["id"])
         if record is None:
             raise UserError(f"prediction id {row['id']!r} is not a world {split} problem")
-        hit = {"right": row["prediction"].strip() == record.label}
-        if "rationale" in row:
+        prediction, rationale = row["prediction"], row.get("rationale")
+        if rationale is None:  # a Fine-tune-CoT student's "<rationale> So the answer is <label>."
+            parsed = parse_chain_of_thought(prediction)
+            if parsed.answer is not None:
+                prediction, rationale = parsed.answer, parsed.rationale
+        hit = {"right": prediction.strip() == record.label}
+        if rationale is not None:
             asked = _names_in(record.input)
-            hit["named"] = len(asked & _names_in(row["rationale"])) / len(asked)
-            hit["true"] = [fact_is_true(*f) for f in stated_facts(row["rationale"])]
-            hit["concluded"] = concluded_answer(row["rationale"]) == record.label
+            hit["named"] = len(asked & _names_in(rationale)) / len(asked)
+            hit["true"] = [fact_is_true(*f) for f in stated_facts(rationale)]
+            hit["concluded"] = concluded_answer(rationale) == record.label
         key = (record.fields["kind"], record.fields["group"])
         cells.setdefault(key, []).append(hit)
 
