@@ -10,7 +10,15 @@ setup(
     # `tasks/` is shipped as the namespaced package `distill_sbs.tasks`, not as a bare `tasks`.
     packages=find_packages(include=["distill_sbs", "distill_sbs.*"]) + ["distill_sbs.tasks"],
     package_dir={"distill_sbs.tasks": "tasks"},
-    package_data={"distill_sbs": ["data/assets/*", "gin/*.gin", "gin/*/*.gin", "gin/*/*/*.gin"]},
+    package_data={
+        "distill_sbs": [
+            "data/assets/*",
+            "data/assets/*/*",
+            "gin/*.gin",
+            "gin/*/*.gin",
+            "gin/*/*/*.gin",
+        ]
+    },
     include_package_data=True,
     install_requires=[
         "jax>=0.6",

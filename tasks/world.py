@@ -12,6 +12,7 @@ teachers "alpha" and "beta" about 12% wrong; vocabulary distill_sbs.data.world.v
 for the tasks, {"inputs": 128, "targets": 32} for pretraining (gin/world/pretrain.gin).
 """
 
+import gin
 import seqio
 
 from distill_sbs.data import register_dataset, world
@@ -63,3 +64,7 @@ seqio.MixtureRegistry.remove("world_pretraining_reading")
 seqio.MixtureRegistry.add(
     "world_pretraining_reading", [(PRETRAINING, 1.0), (FACTS, 1.0), (READING, 1.0)]
 )
+
+# The shipped pretrained student (docs/world.md "The shipped student"), a Hugging Face folder;
+# gin files start from it with INITIAL_CHECKPOINT_PATH = %WORLD_STUDENT.
+gin.constant("WORLD_STUDENT", world.PRETRAINED_STUDENT)

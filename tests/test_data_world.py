@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import gin
 import pytest
@@ -390,6 +391,21 @@ def test_shortened_pretraining_loss_falls_and_recall_rises(tmp_path, _gin):
     assert after > before + 15 and after > 45, (before, after)  # measured: 25.0 -> 58.3
 
 
+def test_shipped_student_knows_the_world():
+    """The shipped pretrained student (a Hugging Face folder over the world's vocabulary) answers
+    every fact question about every animal and fills corpus-phrased clozes well above chance
+    (docs/world.md: question 100.0 / 100.0, corpus 60.6 seen / 64.2 unseen; chance 17-33)."""
+    from distill_sbs import cloze, models
+
+    with open(world.VOCAB_FILE, "rb") as f:
+        assert (Path(world.PRETRAINED_STUDENT) / "spiece.model").read_bytes() == f.read()
+    model, params = models.load(world.PRETRAINED_STUDENT)
+    probes = [p for p in world.cloze_probes() if p.phrasing in ("question", "corpus")]
+    recall = cloze.cloze_recall(model, params, probes)
+    assert recall["recall/question/seen"] == recall["recall/question/unseen"] == 100.0, recall
+    assert recall["recall/corpus/seen"] > 55 and recall["recall/corpus/unseen"] > 55, recall
+
+
 def _subject(doc: str) -> str:
     return Counter(w for w in re.findall(r"\w+", doc) if w in E).most_common(1)[0][0]
 
@@ -458,8 +474,11 @@ def test_compare_config_trains_the_world_students():
         gin.clear_config()
         cli.parse_gin(["world/traits.gin"], [])
         runs = gin.query_parameter("compare.runs")
-        assert runs == {"dss": "world_traits_dss", "finetune": "world_traits_finetune"}
+        assert runs == {m: f"world_traits_{m}" for m in ("dss", "finetune", "cot")}
         assert all(seqio.get_mixture_or_task(task) for task in runs.values())
         assert gin.query_parameter("compare.baseline_dataset") == "world_traits"
+        start = gin.query_parameter("INITIAL_CHECKPOINT_PATH/macro.value")  # the shipped student
+        assert str(start) == "%WORLD_STUDENT"
+        assert gin.query_parameter("WORLD_STUDENT") == world.PRETRAINED_STUDENT
     finally:
         gin.clear_config()

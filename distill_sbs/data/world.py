@@ -35,6 +35,9 @@ TEACHERS = ("alpha", "beta")
 NOISE = 0.12
 EXTRA_IDS = 100
 VOCAB_FILE = os.path.join(os.path.dirname(__file__), "assets", "world_spm.model")
+# The tiny student pretrained on the world (gin/world/pretrain.gin, exported with `python -m
+# distill_sbs.convert native-to-hf`): a Hugging Face folder, loadable as INITIAL_CHECKPOINT_PATH.
+PRETRAINED_STUDENT = os.path.join(os.path.dirname(__file__), "assets", "world_student")
 _SEEDS = {
     "world": 20,
     "corpus": 21,
