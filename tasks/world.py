@@ -12,29 +12,28 @@ teachers "alpha" and "beta" about 12% wrong; vocabulary distill_sbs.data.world.v
 for the tasks, {"inputs": 128, "targets": 32} for pretraining (gin/world/pretrain.gin).
 """
 
+import functools
+
 import gin
 import seqio
 
 from distill_sbs.data import register_dataset, world
 from distill_sbs.data.pretraining import register_span_corruption_task, register_text_pairs_task
 
-NAMES = register_dataset(
-    "world",
-    loader=world.generate,
-    splits=tuple(world.SIZES),
-    metric="accuracy",
-    vocabulary=world.vocabulary(),
-    teachers=world.TEACHERS,
-)
-# The one-fact tier (docs/world.md "Fifth design"): yes/no trait questions about one animal.
-TRAIT_NAMES = register_dataset(
-    "world_traits",
-    loader=world.trait_problems,
-    splits=tuple(world.SIZES),
-    metric="accuracy",
-    vocabulary=world.vocabulary(),
-    teachers=world.TEACHERS,
-)
+# The labelled tasks: `world_<method>` (count, compare, two-hop) and `world_traits_<method>`, the
+# one-fact tier (docs/world.md "The trait questions").
+NAMES = [
+    name
+    for dataset in world.DATASETS
+    for name in register_dataset(
+        dataset,
+        loader=functools.partial(world.generate, dataset=dataset),
+        splits=tuple(world.SIZES),
+        metric="accuracy",
+        vocabulary=world.vocabulary(),
+        teachers=world.TEACHERS,
+    )
+]
 PRETRAINING = register_span_corruption_task(
     "world_span_corruption",
     vocabulary=world.vocabulary(),
@@ -65,6 +64,6 @@ seqio.MixtureRegistry.add(
     "world_pretraining_reading", [(PRETRAINING, 1.0), (FACTS, 1.0), (READING, 1.0)]
 )
 
-# The shipped pretrained student (docs/world.md "The shipped student"), a Hugging Face folder;
+# The shipped pretrained student (docs/world.md "Fifth design"), a Hugging Face folder;
 # gin files start from it with INITIAL_CHECKPOINT_PATH = %WORLD_STUDENT.
 gin.constant("WORLD_STUDENT", world.PRETRAINED_STUDENT)

@@ -120,8 +120,9 @@ def test_trait_questions_follow_their_rule_from_one_fact():
     """world_traits: one animal, a yes/no answer that its one fact gives by the question's rule;
     splits as the world's (test half unseen animals), yes and no about equally often, teachers
     noisy in two styles by one false fact, and words the shipped vocabulary spells."""
-    train, test = world.trait_problems("train"), world.trait_problems("test")
-    assert (len(train), len(test)) == (400, 1200) and world.trait_problems("train") == train
+    train, test = (world.generate(split, dataset="world_traits") for split in ("train", "test"))
+    assert (len(train), len(test)) == (400, 1200)
+    assert world.generate("train", dataset="world_traits") == train
     assert not {r.input for r in train} & {r.input for r in test}
     assert not {r.id for r in test} & {r.id for r in world.generate("test")}
     seen = {e.name for e in world.labelled_entities("world_traits")}

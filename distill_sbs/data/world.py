@@ -420,7 +420,7 @@ def _two_hop(rng: random.Random, pool: list[Entity], person: str) -> _Problem | 
     return _Problem("two_hop", question.format(e=e.name), prey.value(attribute), facts, conclude)
 
 
-# Trait questions, the one-fact tier (docs/world.md "Fifth design"): one animal and a yes/no
+# Trait questions, the one-fact tier (docs/world.md "The trait questions"): one animal, a yes/no
 # question whose answer follows from one of its facts by a rule the question never states (fur:
 # the mammals). The rule is learnt from the labelled problems; the fact must be recalled. The
 # words are spelt from the world vocabulary's pieces (a vocabulary predates the tasks it serves).
@@ -476,6 +476,9 @@ _DATASETS = {
         120,
     ),
 }
+
+
+DATASETS = tuple(_DATASETS)  # the labelled datasets `generate` makes (tasks/world.py registers)
 
 
 def labelled_entities(dataset: str = "world") -> tuple[Entity, ...]:
@@ -550,11 +553,6 @@ def generate(split: str, n: int | None = None, dataset: str = "world") -> list[R
             )
         )
     return records
-
-
-def trait_problems(split: str, n: int | None = None) -> list[Record]:
-    """The trait questions' records (world_traits): as `generate`, one-fact yes/no questions."""
-    return generate(split, n, dataset="world_traits")
 
 
 # ---- reading questions (pretraining) -----------------------------------------------------------
