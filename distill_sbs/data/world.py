@@ -1,11 +1,13 @@
 """The embedded world (docs/world.md): made-up animals, an encyclopedia corpus, tasks and probes.
 
-Everything is generated deterministically from fixed seeds (no files but the vocabulary):
-`entities()` the facts, `corpus()` the pretraining documents (one per line), `generate(split)` the
-labelled problems with two noisy teachers ("alpha" sentences, "beta" terse lists) as `arith`
-has, `cloze_probes()` the fact-recall probes, `vocabulary()` the SentencePiece vocabulary with
-100 extra ids (`python -m distill_sbs.data.world --build_vocab` rebuilds it,
-`--write_corpus=PATH` writes the corpus as text).
+Everything is generated deterministically from fixed seeds (no files but the vocabulary and the
+shipped student): `entities()` the facts, `corpus()` the pretraining documents (one per line),
+`generate(split, dataset=...)` the labelled problems of "world" (count, compare, two-hop) or
+"world_traits" (one fact, yes/no) with two noisy teachers ("alpha" sentences, "beta" terse
+lists) as `arith` has, `cloze_probes()` the fact-recall probes, `vocabulary()` the SentencePiece
+vocabulary with 100 extra ids (`python -m distill_sbs.data.world --build_vocab` rebuilds it,
+`--write_corpus=PATH` writes the corpus as text), PRETRAINED_STUDENT the shipped pretrained
+student (a Hugging Face folder).
 """
 
 from __future__ import annotations
@@ -518,7 +520,8 @@ def _noisy_facts(problem: _Problem, rng: random.Random):
 
 def generate(split: str, n: int | None = None, dataset: str = "world") -> list[Record]:
     """Records of one split of `dataset` ("world": count, compare and two-hop questions;
-    "world_traits": trait questions): train over seen entities; test half seen, half unseen."""
+    "world_traits": trait questions): train over the dataset's labelled entities; test half
+    about those ("seen"), half about the others ("unseen")."""
     if split not in SIZES:
         raise ValueError(f"world has splits {sorted(SIZES)}, not {split!r}")
     n = SIZES[split] if n is None else n
@@ -734,7 +737,8 @@ def fact_is_true(name: str, attribute: str, value: str) -> bool:
 
 def breakdown(predictions: list[dict], split: str = "test") -> list[dict]:
     """Accuracy of a student's predictions (infer's JSONL rows: "id", "prediction", optionally
-    "rationale") per question kind and entity group; with rationales, also the share of the
+    "rationale"; a Fine-tune-CoT prediction is read as rationale and answer) on either labelled
+    dataset, per question kind and entity group; with rationales, also the share of the
     question's animals that the rationale names (does the student copy names it never saw in
     labelled train?), the share of the facts it states that are true of the world (does it know
     them?) and the accuracy of the answer it concludes (does it reason from them?). Rows are
@@ -798,9 +802,9 @@ def define_flags() -> None:
         "breakdown",
         None,
         "Print a student's accuracy per question kind and entity group from infer's JSONL "
-        "predictions on world's test split (RATIONALE=True adds the share of names copied, "
-        "of stated facts that are true, and the accuracy of the answer each rationale "
-        "concludes).",
+        "predictions on the test split of world or world_traits (a DSS student's with "
+        "RATIONALE=True, or a Fine-tune-CoT student's, adds the share of names copied, of "
+        "stated facts that are true, and the accuracy of the answer each rationale concludes).",
     )
 
 
