@@ -6,10 +6,12 @@
 questions (the world's easier tier).
 
 Generated deterministically by distill_sbs.data.world: train 400 problems over 40 "seen"
-animals, test 1,200 (600 over seen animals, 600 over animals only the corpus describes), two
-teachers "alpha" and "beta" about 12% wrong; vocabulary distill_sbs.data.world.vocabulary()
-(709 ids with 100 sentinels). Suggested task_feature_lengths: {"inputs": 64, "targets": 64}
-for the tasks, {"inputs": 128, "targets": 32} for pretraining (gin/world/pretrain.gin).
+animals (world_traits: over 120), test 1,200 (600 over seen animals, 600 over animals only the
+corpus describes), two teachers "alpha" and "beta" about 12% wrong; vocabulary
+distill_sbs.data.world.vocabulary() (709 ids with 100 sentinels). Suggested
+task_feature_lengths: {"inputs": 64, "targets": 64} for the tasks ({"inputs": 32, "targets": 32}
+for world_traits), {"inputs": 128, "targets": 48} for pretraining (gin/world/pretrain.gin).
+The shipped pretrained student is the gin constant WORLD_STUDENT.
 """
 
 import functools
