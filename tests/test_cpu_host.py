@@ -55,9 +55,11 @@ def test_tuned_heap_avoids_per_call_page_faults(subprocess_env):
     default = _probe("system", subprocess_env)
     tuned = _probe(None, subprocess_env)
     assert default["tuned"] is False and tuned["tuned"] is True
-    # One 64 MB temporary is 16,384 pages: glibc's defaults fault them in on every call.
-    assert default["faults_per_call"] > 15_000, default
-    assert tuned["faults_per_call"] < 0.1 * default["faults_per_call"], (tuned, default)
+    # With glibc's defaults the temporaries are mapped and faulted in again on every call: the
+    # 64 MB one was 16,384 faults a call under earlier jaxlib versions; jaxlib 0.10.2 touches
+    # fewer of its pages (1,884-2,572 a call measured, 2026-12-04). Tuned: 0.5.
+    assert default["faults_per_call"] > 1_000, default
+    assert tuned["faults_per_call"] < 0.01 * default["faults_per_call"], (tuned, default)
 
 
 def test_accelerator_hosts_keep_defaults(monkeypatch):
