@@ -1,5 +1,6 @@
-"""The results of a sweep (distill_sbs.sweep): results.csv (one row per run), results.md (mean +-
-std over seeds per cell) and PNG plots (accuracy vs train fraction, one line per method with error
+"""The results of a sweep (distill_sbs.sweep): results.csv (one row per run), results.md (per cell
+the mean over seeds with its 95 % interval and std; per method the paired difference against
+fine-tuning) and PNG plots (accuracy vs train fraction, one line per method with 95 % interval
 bars; accuracy vs model size where the grid has several)."""
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import statistics
 from collections.abc import Sequence
 
 from etils import epath
+from scipy import stats
 
 # Axis names the report knows how to draw (they are also the paper configs' macros).
 METHOD, FRACTION, SEED, MODEL = "METHOD", "TRAIN_FRACTION", "SEED", "model"
+BASELINE = "finetune"  # the paper compares every method with fine-tuning on the same data
 
 
 def write_csv(path: epath.Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
@@ -37,6 +40,35 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def mean_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its two-sided 95 % Student-t interval (nan for one value)."""
+    mean, std = mean_std(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, float(stats.t.ppf(0.975, len(values) - 1)) * std / len(values) ** 0.5
+
+
+def paired_differences(
+    rows: Sequence[dict], axes: Sequence[str], value: str, baseline: str = BASELINE
+) -> list[tuple[dict, list[float]]]:
+    """[(a cell of another method, its runs' `value` minus the baseline's run with the same
+    seed and other axes)], in grid order; cells without a baseline run are left out."""
+    if METHOD not in axes:
+        return []
+    others = [a for a in axes if a != METHOD]
+    base = {tuple(r[a] for a in others): float(r[value]) for r in rows if r[METHOD] == baseline}
+    paired = [
+        {**r, value: float(r[value]) - base[tuple(r[a] for a in others)]}
+        for r in rows
+        if r[METHOD] != baseline and tuple(r[a] for a in others) in base
+    ]
+    return cells(paired, axes, value)
+
+
+def _pm(mean: float, half: float) -> str:
+    return f"{mean:.2f}" if half != half else f"{mean:.2f} +- {half:.2f}"  # nan: one run
+
+
 def write_markdown(
     path: epath.Path, rows: Sequence[dict], axes: Sequence[str], value: str, title: str
 ) -> None:
@@ -44,19 +76,36 @@ def write_markdown(
     lines = [
         f"# {title}",
         "",
-        f"Test `{value}` of the checkpoint selected on the validation split: mean +- sample std "
-        "over seeds (n runs).",
+        f"Test `{value}` of the checkpoint selected on the validation split: mean over seeds +- "
+        "the half-width of its 95 % t-interval, the sample std, and the number of runs.",
         "",
-        "| " + " | ".join([*keys, value, "n"]) + " |",
-        "|" + "---|" * (len(keys) + 2),
+        "| " + " | ".join([*keys, value, "std", "n"]) + " |",
+        "|" + "---|" * (len(keys) + 3),
     ]
     for cell, values in cells(rows, axes, value):
-        mean, std = mean_std(values)
+        mean, half = mean_interval(values)
         lines.append(
             "| "
-            + " | ".join([*(cell[k] for k in keys), f"{mean:.2f} +- {std:.2f}"])
+            + " | ".join([*(cell[k] for k in keys), _pm(mean, half), f"{mean_std(values)[1]:.2f}"])
             + f" | {len(values)} |"
         )
+    differences = paired_differences(rows, axes, value)
+    if differences:
+        lines += [
+            "",
+            f"Paired difference against `{BASELINE}` (the same seed and other axes): mean +- the "
+            "half-width of its 95 % t-interval, and the runs where the method is ahead.",
+            "",
+            "| " + " | ".join([*keys, f"{value} - {BASELINE}", "ahead"]) + " |",
+            "|" + "---|" * (len(keys) + 2),
+        ]
+        for cell, diffs in differences:
+            ahead = f"{sum(d > 0 for d in diffs)} of {len(diffs)}"
+            lines.append(
+                "| "
+                + " | ".join([*(cell[k] for k in keys), _pm(*mean_interval(diffs)), ahead])
+                + " |"
+            )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -68,7 +117,8 @@ def _sort_key(text: str):
 
 
 def _line_plot(ax, rows, axes, value: str, x_axis: str, numeric_x: bool) -> None:
-    """One line per METHOD (or one line) of `value` against `x_axis`, with std error bars."""
+    """One line per METHOD (or one line) of `value` against `x_axis`, with 95 % interval bars
+    (none for a single run)."""
     keys = [a for a in axes if a not in (SEED, x_axis, METHOD)]
     methods = sorted({r.get(METHOD, "") for r in rows}, key=_sort_key)
     for method in methods:
@@ -79,13 +129,13 @@ def _line_plot(ax, rows, axes, value: str, x_axis: str, numeric_x: bool) -> None
                 if r.get(METHOD, "") == method and tuple(r[k] for k in keys) == panel_key
             ]
             xs = sorted({r[x_axis] for r in sub}, key=_sort_key)
-            stats = [mean_std([float(r[value]) for r in sub if r[x_axis] == x]) for x in xs]
+            points = [mean_interval([float(r[value]) for r in sub if r[x_axis] == x]) for x in xs]
             label = " ".join(filter(None, [method, *panel_key])) or value
             positions = [float(x) for x in xs] if numeric_x else list(range(len(xs)))
             ax.errorbar(
                 positions,
-                [m for m, _ in stats],
-                yerr=[s for _, s in stats],
+                [m for m, _ in points],
+                yerr=[0.0 if h != h else h for _, h in points],
                 marker="o",
                 capsize=3,
                 label=label,

@@ -207,23 +207,39 @@ def test_validation_is_carved_deterministically_from_train():
         data.load_records("arith", "validation")
 
 
-def test_report_means_stds_and_plots(tmp_path):
+def test_report_means_intervals_paired_differences_and_plots(tmp_path):
     rows = [
         {"METHOD": m, "TRAIN_FRACTION": f, "SEED": s, "test_acc": v}
         for m, f, s, v in [
             ("dss", "0.5", "0", 50.0),
             ("dss", "0.5", "1", 60.0),
+            ("dss", "0.5", "2", 70.0),
             ("dss", "1.0", "0", 70.0),
-            ("ft", "0.5", "0", 40.0),
+            ("finetune", "0.5", "0", 40.0),
+            ("finetune", "0.5", "1", 62.0),
+            ("finetune", "0.5", "2", 60.0),
         ]
     ]
     axes = ["METHOD", "TRAIN_FRACTION", "SEED"]
     got = {tuple(c.values()): v for c, v in sweep_report.cells(rows, axes, "test_acc")}
-    assert got == {("dss", "0.5"): [50.0, 60.0], ("dss", "1.0"): [70.0], ("ft", "0.5"): [40.0]}
+    assert got == {
+        ("dss", "0.5"): [50.0, 60.0, 70.0],
+        ("dss", "1.0"): [70.0],
+        ("finetune", "0.5"): [40.0, 62.0, 60.0],
+    }
+    # Student's t with 2 degrees of freedom, 97.5th percentile, from a printed table: 4.303.
+    mean, half = sweep_report.mean_interval([50.0, 60.0, 70.0])
+    assert mean == 60.0 and half == pytest.approx(4.303 * 10.0 / 3**0.5, rel=1e-4)
+    diffs = {
+        tuple(c.values()): v for c, v in sweep_report.paired_differences(rows, axes, "test_acc")
+    }
+    assert diffs == {("dss", "0.5"): [10.0, -2.0, 10.0]}  # dss 1.0 has no fine-tuning run to pair
     sweep_report.write_markdown(tmp_path / "r.md", rows, axes, "test_acc", "t")
     text = (tmp_path / "r.md").read_text()
-    assert "| dss | 0.5 | 55.00 +- 7.07 | 2 |" in text
-    assert "| ft | 0.5 | 40.00 +- 0.00 | 1 |" in text
+    assert "| dss | 0.5 | 60.00 +- 24.84 | 10.00 | 3 |" in text
+    assert "| dss | 1.0 | 70.00 | 0.00 | 1 |" in text  # one run: no interval
+    # Differences 10, -2, 10: mean 6, std 6.93, half-width 4.303 * 6.93 / sqrt(3) = 17.21.
+    assert "| dss | 0.5 | 6.00 +- 17.21 | 2 of 3 |" in text
     assert sweep_report.plot(tmp_path, rows, axes, "test_acc", "t") == ["accuracy_vs_fraction.png"]
     assert (tmp_path / "accuracy_vs_fraction.png").read_bytes()[:4] == b"\x89PNG"
 
