@@ -121,6 +121,24 @@ def test_plan_of_the_miniature_selects_on_validation():
     )
 
 
+@pytest.mark.parametrize("method", ["finetune", "distill", "dss", "dss_llm", "cot"])
+def test_plan_of_the_world_grid_starts_from_the_shipped_student(method):
+    from distill_sbs import data
+    from distill_sbs.data import world
+
+    p = _plan(f"METHOD = '{method}'", files=("repro/world_traits_mini.gin",))
+    task = f"world_traits_{method}" + ("_label" if method.startswith("dss") else "")
+    assert (p.mixture, p.best_metric, p.eval_split) == (
+        f"world_traits_{method}",
+        f"{task}/accuracy",
+        "validation",
+    )
+    assert str(gin.query_parameter("PRETRAINED_DIR/gin.macro.value")) == "%WORLD_STUDENT"
+    assert gin.query_parameter("WORLD_STUDENT") == world.PRETRAINED_STUDENT
+    # The validation split is 40 of the 400 labelled problems, as docs/world.md fixes it.
+    assert len(data.load_records("world_traits", "validation")) == 40
+
+
 @pytest.mark.parametrize(
     "bindings,message",
     [
