@@ -43,6 +43,7 @@ setup(
         "uvicorn>=0.30",
         "prometheus-client>=0.20",
         "matplotlib>=3.8",  # distill_sbs.sweep: the reproduction plots (Agg backend, PNG files)
+        "scipy>=1.10",  # distill_sbs.sweep: Student-t intervals (jax requires scipy already)
     ],
     extras_require={
         # Accelerators: `pip install -e '.[cuda]'` (NVIDIA GPUs, CUDA 12 wheels) or '.[tpu]'

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import statistics
 from collections.abc import Sequence
 
@@ -66,7 +67,7 @@ def paired_differences(
 
 
 def _pm(mean: float, half: float) -> str:
-    return f"{mean:.2f}" if half != half else f"{mean:.2f} +- {half:.2f}"  # nan: one run
+    return f"{mean:.2f}" if math.isnan(half) else f"{mean:.2f} +- {half:.2f}"  # nan: one run
 
 
 def write_markdown(
@@ -135,7 +136,7 @@ def _line_plot(ax, rows, axes, value: str, x_axis: str, numeric_x: bool) -> None
             ax.errorbar(
                 positions,
                 [m for m, _ in points],
-                yerr=[0.0 if h != h else h for _, h in points],
+                yerr=[0.0 if math.isnan(h) else h for _, h in points],
                 marker="o",
                 capsize=3,
                 label=label,
